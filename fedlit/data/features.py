@@ -1,0 +1,59 @@
+"""Cached image features of a frozen backbone.
+
+The backbone never changes, so the features of every image under a deterministic transform are computed once per
+(backbone, weights, dataset, split, transform) and reused for every round and client. The cache lives in memory and,
+when given a directory, on disk (memory-mapped on load) so that a sweep computes them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from fedlit.backbone import Backbone
+
+
+@torch.no_grad()
+def encode_dataset(backbone: Backbone, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
+                   device: str | torch.device = "cpu") -> Tensor:
+    """Normalised image features ``(N, D)`` (float32, on CPU) of every item of ``dataset``, in order."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    chunks = [backbone.encode_image(images.to(device)).float().cpu() for images, _ in loader]
+    return torch.cat(chunks) if chunks else torch.empty(0, backbone.feature_dim)
+
+
+def feature_key(backbone: Backbone, dataset_name: str, split: str, transform_id: str, size: int,
+                views: int = 0) -> str:
+    """Cache key: a hash of the backbone fingerprint, dataset, split, transform, length and augmented views."""
+    text = f"{backbone.fingerprint}|{dataset_name}|{split}|{transform_id}|{size}|{views}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class FeatureCache:
+    """Features by key: in memory, plus ``directory/<key>.pt`` when a directory is given."""
+
+    def __init__(self, directory: str | Path | None = None):
+        self.directory = Path(directory).expanduser() if directory else None
+        self._memory: dict[str, Tensor] = {}
+
+    def get_or_compute(self, key: str, compute) -> Tensor:
+        """The cached tensor for ``key``, calling ``compute()`` (and storing its result) on a miss."""
+        if key in self._memory:
+            return self._memory[key]
+        path = self.directory / f"{key}.pt" if self.directory else None
+        if path is not None and path.is_file():
+            features = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            features = compute()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+                torch.save(features, tmp)
+                os.replace(tmp, path)
+        self._memory[key] = features
+        return features

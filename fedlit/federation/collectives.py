@@ -1,0 +1,49 @@
+"""One flat, padded all-gather of client uploads per round.
+
+Every rank packs its clients' uploads (dicts of tensors with the same keys and shapes) into rows of one float32
+buffer ``(slots, 1 + S)`` whose first column is the client id (-1 for padding); ``fabric.all_gather`` needs equal
+shapes on every rank, and every rank knows ``slots`` because it knows the assignment.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+State = dict[str, Tensor]
+
+
+def state_layout(state: State) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """The (name, shape, dtype) of each entry of ``state``, in sorted-name order."""
+    return [(k, tuple(state[k].shape), state[k].dtype) for k in sorted(state)]
+
+
+def flatten_state(state: State, layout) -> Tensor:
+    """All entries of ``state`` as one float32 vector ``(S,)`` in ``layout`` order."""
+    return torch.cat([state[name].detach().reshape(-1).to(torch.float32).cpu() for name, _, _ in layout])
+
+
+def unflatten_state(flat: Tensor, layout) -> State:
+    """Inverse of :func:`flatten_state`."""
+    out, offset = {}, 0
+    for name, shape, dtype in layout:
+        n = 1
+        for d in shape:
+            n *= d
+        out[name] = flat[offset : offset + n].reshape(shape).to(dtype).clone()
+        offset += n
+    return out
+
+
+def gather_uploads(fabric, local: dict[int, State], layout, slots: int) -> dict[int, State]:
+    """Every rank's uploads on every rank, through one ``all_gather`` of a ``(slots, 1 + S)`` buffer."""
+    if fabric is None or fabric.world_size == 1:
+        return dict(local)
+    size = sum(int(torch.tensor(shape).prod()) if shape else 1 for _, shape, _ in layout)
+    buffer = torch.zeros(slots, 1 + size, dtype=torch.float32)
+    buffer[:, 0] = -1
+    for row, cid in enumerate(sorted(local)):
+        buffer[row, 0] = cid
+        buffer[row, 1:] = flatten_state(local[cid], layout)
+    gathered = fabric.all_gather(buffer.to(fabric.device)).cpu().reshape(-1, 1 + size)
+    return {int(r[0]): unflatten_state(r[1:], layout) for r in gathered if r[0] >= 0}

@@ -1,0 +1,137 @@
+"""Wire a :class:`~fedlit.config.Config` to a full job: Fabric, backbone, dataset, partition, cached features,
+run directory, one :class:`Orchestrator` per algorithm, and a comparison table at the end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from lightning.fabric import Fabric
+
+from fedlit.algorithms import build_algorithm
+from fedlit.backbone import Backbone, load_backbone
+from fedlit.config import ALGORITHMS, Config, to_yaml
+from fedlit.data.base import DatasetBundle
+from fedlit.data.features import FeatureCache, encode_dataset, feature_key
+from fedlit.data.partition import Partition, make_partition, save_manifest
+from fedlit.data.registry import build_dataset
+from fedlit.federation.orchestrator import ClientData, Orchestrator
+from fedlit.federation.signals import Preempted, requeue_slurm_job
+from fedlit.reporting import atomic_write_text, comparison_table, latest_run_dir, new_run_dir_name
+
+# Keys that may differ between an interrupted run and its resumption (layout and bookkeeping, not the maths).
+RESUMABLE_KEYS = ("run", "trainer")
+
+
+def config_digest(cfg: Config) -> str:
+    """Hash of everything in ``cfg`` that determines the numbers (not the process layout or run bookkeeping)."""
+    data = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_fabric(cfg: Config) -> Fabric:
+    """A launched Fabric for ``cfg.trainer`` (DDP processes when more than one device or node; never wraps models)."""
+    t = cfg.trainer
+    multi = t.devices * t.num_nodes > 1
+    strategy = t.strategy if t.strategy != "auto" else ("ddp" if multi else "auto")
+    fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+                    strategy=strategy)
+    fabric.launch()
+    return fabric
+
+
+def algorithms_of(cfg: Config) -> list[str]:
+    """The methods this config runs, in order."""
+    return list(ALGORITHMS) if cfg.algorithm == "all" else [cfg.algorithm]
+
+
+def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, partition: Partition,
+                      device: torch.device, cache: FeatureCache) -> ClientData:
+    """Cached test features (always) and train features (when the train transform is deterministic)."""
+    def features(split: str, dataset) -> torch.Tensor:
+        key = feature_key(backbone, bundle.name, split, bundle.transform_id, len(dataset))
+        return cache.get_or_compute(key, lambda: encode_dataset(backbone, dataset, device=device,
+                                                                num_workers=cfg.data.num_workers))
+
+    return ClientData(
+        partition=partition,
+        train_labels=torch.as_tensor(bundle.train.targets, dtype=torch.long),
+        test_features=features("test", bundle.test),
+        test_labels=torch.as_tensor(bundle.test.targets, dtype=torch.long),
+        train_features=None if bundle.augmented else features("train", bundle.train),
+        bundle=bundle,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+
+
+def _resolve_run_dir(cfg: Config, fabric: Fabric) -> tuple[Path, bool]:
+    """(run directory, resuming?) decided on rank 0 and broadcast so that every rank agrees."""
+    choice = None
+    if fabric.global_rank == 0:
+        if cfg.run.resume == "auto":
+            found = latest_run_dir(cfg.run.out_dir, cfg.run.name)
+            choice = (str(found), True) if found else None
+        elif cfg.run.resume:
+            choice = (str(cfg.run.resume), True)
+        if choice is None:
+            choice = (str(Path(cfg.run.out_dir) / cfg.run.name / new_run_dir_name()), False)
+    choice = fabric.broadcast(choice, src=0)
+    return Path(choice[0]), bool(choice[1])
+
+
+def run_experiment(cfg: Config) -> list[dict]:
+    """Run every algorithm of ``cfg``; returns their results dictionaries. Raises Preempted after a stop signal
+    (the checkpoint of the last finished round is on disk)."""
+    fabric = make_fabric(cfg)
+    torch.manual_seed(cfg.seed)
+    log = (lambda m: print(m, flush=True)) if fabric.global_rank == 0 and not cfg.run.quiet else (lambda m: None)
+
+    # Everything that can fail on bad input happens before the run directory exists.
+    cache_dir = Path(cfg.backbone.cache_dir).expanduser()
+    if fabric.global_rank == 0:  # rank 0 builds/downloads first so that other ranks only read the cache
+        backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=fabric.device)
+    fabric.barrier()
+    if fabric.global_rank != 0:
+        backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=fabric.device)
+    bundle = build_dataset(cfg.data, backbone.preprocess)
+    partition = make_partition(bundle, cfg.data, cfg.seed)
+    log(f"fedlit | {bundle.name}: {bundle.num_classes} classes, {len(bundle.train)} train / {len(bundle.test)} test"
+        f" | {cfg.data.partition} partition over {partition.num_clients} clients (digest {partition.digest()[:12]})"
+        f" | backbone {backbone.name} | {fabric.world_size} process(es), precision {cfg.trainer.precision}")
+    cache = FeatureCache(cache_dir / "features")
+    t0 = time.perf_counter()
+    data = build_client_data(cfg, backbone, bundle, partition, fabric.device, cache)
+    t_feat = time.perf_counter() - t0
+    log(f"fedlit | image features ready in {t_feat:.1f} s "
+        f"({'train+test cached' if data.train_features is not None else 'test cached, train augmented'})")
+
+    run_dir, resuming = _resolve_run_dir(cfg, fabric)
+    if fabric.global_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        save_manifest(partition, run_dir / "partition.json", bundle.train.targets, bundle.test.targets)
+    fabric.barrier()
+    log(f"fedlit | run directory {run_dir}{' (resuming)' if resuming else ''}")
+
+    meta = {"dataset": bundle.name, "config_digest": config_digest(cfg), "world_size": fabric.world_size}
+    names = algorithms_of(cfg)
+    results = []
+    for name in names:
+        algorithm = build_algorithm(cfg, name)
+        torch.manual_seed(cfg.seed)  # every client's initial prompt and gate come from this one draw
+        module = algorithm.build_module(backbone, bundle.classnames).to(fabric.device)
+        out = run_dir / name if len(names) > 1 else run_dir
+        orchestrator = Orchestrator(cfg, algorithm, module, data, out, fabric=fabric, meta=meta)
+        results.append(orchestrator.run(resume=resuming))
+    if len(results) > 1:
+        log("\n" + comparison_table(results))
+    log(f"fedlit | results in {run_dir}")
+    return results
+
+
+__all__ = ["run_experiment", "Preempted", "requeue_slurm_job", "config_digest"]

@@ -1,0 +1,36 @@
+"""Deterministic client sampling, per-client random streams and rank assignment (independent of process layout)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+SAMPLING_STREAM = 7_919  # stream tags keep the server's and the clients' draws apart
+CLIENT_STREAM = 104_729
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, frac: float) -> list[int]:
+    """``m = max(1, floor(frac * N))`` client ids drawn without replacement from the server stream of this round."""
+    m = max(1, math.floor(frac * num_clients + 1e-9))
+    rng = np.random.default_rng([seed, round_index, SAMPLING_STREAM])
+    return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
+
+
+def client_generator(seed: int, round_index: int, client_id: int) -> torch.Generator:
+    """The torch generator of client ``client_id`` in round ``round_index`` (data order, any other draw)."""
+    state = np.random.SeedSequence([seed, round_index, client_id, CLIENT_STREAM]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def assign_to_ranks(client_ids: list[int], sizes: dict[int, int], world_size: int) -> list[list[int]]:
+    """Greedy balance, largest first: each client goes to the rank with the least work so far (ties: lower rank).
+    Returns the client ids of each rank, sorted."""
+    loads = [0] * world_size
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for cid in sorted(client_ids, key=lambda c: (-sizes[c], c)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        shares[rank].append(cid)
+        loads[rank] += max(sizes[cid], 1)
+    return [sorted(s) for s in shares]

@@ -1,0 +1,57 @@
+"""Stop requests (SIGUSR1 from Slurm before the time limit, SIGTERM on preemption) and Slurm requeue."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+
+class StopRequest:
+    """Records SIGUSR1/SIGTERM instead of dying; the orchestrator checks ``requested`` at round boundaries."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopRequest:
+        """Install the handlers (main thread only; elsewhere a no-op)."""
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:
+            pass
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were there before :meth:`install`."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop signal arrived."""
+        return self.signal is not None
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue $SLURM_JOB_ID`` when running under Slurm; True when the requeue was accepted."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = (
+        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else
+        os.environ.get("SLURM_JOB_ID")
+    )
+    if not job_id:
+        return False
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    return result.returncode == 0
+
+
+class Preempted(Exception):
+    """Raised at a round boundary after a stop request, once the checkpoint is written."""

@@ -1,0 +1,129 @@
+"""Shared pieces of the client LightningModules: the frozen backbone, metrics, steps and optimisers.
+
+A client module owns only a few small tensors (prompt, gate); the frozen backbone is one object shared by every
+module of a process. ``client_state`` / ``load_client_state`` move those tensors in and out as plain tensors, so
+that a federated simulator can keep many clients' state in a store and swap it into one module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from fedlit.backbone import Backbone
+from fedlit.config import OptimConfig
+
+
+def cosine_factor(epoch: int, epochs: int) -> float:
+    """CoOp's per-epoch cosine decay ``0.5 (1 + cos(pi * epoch / epochs))`` (1 at epoch 0)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1)))
+
+
+class ClientModule(L.LightningModule):
+    """Base class: ``forward(x) -> logits (B, C)`` where ``x`` is images ``(B, 3, H, W)`` or cached image
+    features ``(B, D)``; one cross-entropy in ``training_step``; accuracy in validation/test steps."""
+
+    def __init__(self, backbone: Backbone, classnames: list[str], optim: OptimConfig | None = None,
+                 epochs: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.classnames = list(classnames)
+        self.num_classes = len(classnames)
+        self.optim = optim or OptimConfig()
+        self.epochs = epochs
+        self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(self.num_classes, average="micro")
+
+    # -- features and logits -------------------------------------------------------------------------------
+    def image_features(self, x: Tensor) -> Tensor:
+        """Normalised image features ``(B, D)``: ``x`` itself when it already holds cached features."""
+        return x if x.dim() == 2 else self.backbone.encode_image(x)
+
+    def class_text_features(self) -> Tensor:
+        """Normalised class text features ``(C, D)`` of this client's current prompt."""
+        raise TypeError(f"{type(self).__name__} must define class_text_features")
+
+    def logits_from(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """Logits ``(B, C)`` from normalised image features ``(B, D)`` and class text features ``(C, D)``."""
+        return self.backbone.logit_scale * image_features @ text_features.t().to(image_features.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits_from(self.image_features(x), self.class_text_features())
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def regularizer(self) -> Tensor | None:
+        """An extra loss term added to the cross-entropy (FedProx); None by default."""
+        return None
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The training loss: one cross-entropy on the final logits (+ the regularizer, if any)."""
+        loss = F.cross_entropy(logits.float(), labels)
+        extra = self.regularizer()
+        return loss if extra is None else loss + extra
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self.train_acc(logits.argmax(dim=-1), y)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_acc(self(x).argmax(dim=-1), y)
+        self.log("val_acc", self.val_acc, prog_bar=True, on_step=False, on_epoch=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self(x).argmax(dim=-1), y)
+        self.log("test_acc", self.test_acc, on_step=False, on_epoch=True)
+
+    # -- optimisation ------------------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Optimiser parameter groups, each ``{"params": [...], "lr": float, "schedule": "cosine"|"constant"}``."""
+        return []
+
+    def configure_optimizers(self):
+        """SGD (momentum, weight decay) over prompt (cosine over the epochs) and gate (constant) parameters."""
+        groups = self.param_groups()
+        if not groups:
+            return None
+        epochs = self.epochs or (self.trainer.max_epochs if self._trainer is not None else None) or 1
+        optimizer = torch.optim.SGD(
+            [{"params": g["params"], "lr": g["lr"]} for g in groups],
+            momentum=self.optim.momentum,
+            weight_decay=self.optim.weight_decay,
+        )
+        lambdas = [
+            (lambda e, n=epochs: cosine_factor(e, n)) if g["schedule"] == "cosine" else (lambda e: 1.0)
+            for g in groups
+        ]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # -- client state ------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The client's own parameters by name (never the backbone's)."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad}
+
+    def client_state(self) -> dict[str, Tensor]:
+        """A detached copy of the client's own tensors (prompt, gate, ...)."""
+        return {n: p.detach().clone() for n, p in self.trainable_parameters().items()}
+
+    def load_client_state(self, state: dict[str, Tensor]) -> None:
+        """Copy ``state`` (as returned by ``client_state``) into the module's parameters."""
+        params = self.trainable_parameters()
+        unknown = set(state) - set(params)
+        if unknown:
+            raise KeyError(f"unknown client state entries: {sorted(unknown)}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)

@@ -1,0 +1,45 @@
+"""CoOp / PromptFL client: a learnable context over the frozen CLIP; optional FedProx proximal term."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedlit.backbone import Backbone
+from fedlit.config import PromptConfig
+from fedlit.modules.base import ClientModule
+from fedlit.prompts import PromptLearner
+
+
+class CoOpClient(ClientModule):
+    """Logits ``s * I T_L^T`` with ``T_L`` the text features of the learnable prompt.
+
+    ``prox_mu > 0`` adds FedProx's ``mu/2 * ||ctx - ctx_global||^2`` (a real gradient) once a centre is set with
+    :meth:`set_prox_center`.
+    """
+
+    def __init__(self, backbone: Backbone, classnames: list[str], prompt: PromptConfig | None = None,
+                 prox_mu: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(backbone, classnames, **kwargs)
+        prompt = prompt or PromptConfig()
+        self.prompt_learner = PromptLearner(
+            backbone, classnames, n_ctx=prompt.n_ctx, ctx_init=prompt.ctx_init, class_specific=prompt.class_specific,
+            class_position=prompt.class_position, init_std=prompt.init_std, seed=seed,
+        )
+        self.prox_mu = prox_mu
+        self.register_buffer("prox_center", torch.empty(0), persistent=False)
+
+    def class_text_features(self) -> Tensor:
+        return self.prompt_learner.text_features(self.backbone)
+
+    def set_prox_center(self, ctx: Tensor | None) -> None:
+        """Anchor of the FedProx term (the round's global prompt); None removes the term."""
+        self.prox_center = torch.empty(0) if ctx is None else ctx.detach().clone().to(self.prompt_learner.ctx)
+
+    def regularizer(self) -> Tensor | None:
+        if self.prox_mu <= 0 or self.prox_center.numel() == 0:
+            return None
+        return 0.5 * self.prox_mu * (self.prompt_learner.ctx - self.prox_center).pow(2).sum()
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [self.prompt_learner.ctx], "lr": self.optim.prompt_lr, "schedule": "cosine"}]

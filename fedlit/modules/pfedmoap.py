@@ -1,0 +1,59 @@
+"""pFedMoAP client: local prompt + a private attention gate over K downloaded (frozen) expert prompts."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedlit.backbone import Backbone
+from fedlit.config import GateConfig
+from fedlit.gating import AttentionGate
+from fedlit.modules.coop import CoOpClient
+
+
+class PFedMoAPClient(CoOpClient):
+    """Logits ``lam * s * I T_L^T + s * <P(I), gate(I; [T_L, T_1..T_K])>`` (SPEC §2); local logits alone while no
+    experts are loaded. Expert text features are computed once when loaded (no grad) and kept as a buffer."""
+
+    def __init__(self, backbone: Backbone, classnames: list[str], gate: GateConfig | None = None, lam: float = 0.5,
+                 **kwargs):
+        super().__init__(backbone, classnames, **kwargs)
+        gate = gate or GateConfig()
+        self.gate = AttentionGate(backbone.feature_dim, d_gate=gate.d_gate, num_heads=gate.num_heads,
+                                  scale=gate.scale, top_k=gate.top_k)
+        self.lam = lam
+        self.register_buffer("expert_features", torch.empty(0), persistent=False)
+
+    @property
+    def num_loaded_experts(self) -> int:
+        """K, the number of non-local experts currently loaded."""
+        return int(self.expert_features.shape[0]) if self.expert_features.numel() else 0
+
+    @torch.no_grad()
+    def expert_text_features(self, expert_ctx: Tensor) -> Tensor:
+        """Normalised text features ``(K, C, D)`` of ``K`` stacked expert contexts ``(K, *ctx_shape)``."""
+        return self.prompt_learner.text_features(self.backbone, expert_ctx.to(self.prompt_learner.ctx))
+
+    def load_experts(self, expert_ctx: Tensor | None) -> None:
+        """Load ``K`` expert prompts ``(K, *ctx_shape)`` (None or K = 0 unloads them)."""
+        if expert_ctx is None or expert_ctx.shape[0] == 0:
+            self.set_expert_features(None)
+        else:
+            self.set_expert_features(self.expert_text_features(expert_ctx))
+
+    def set_expert_features(self, features: Tensor | None) -> None:
+        """Load precomputed expert text features ``(K, C, D)`` (shared by several clients of a process)."""
+        self.expert_features = torch.empty(0) if features is None else features.detach()
+
+    def logits_from(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        local = super().logits_from(image_features, text_features)
+        if not self.num_loaded_experts:
+            return local
+        experts = torch.cat([text_features.unsqueeze(0), self.expert_features.to(text_features)], dim=0)
+        moe = self.gate.moe_logits(image_features, experts, self.backbone.logit_scale)
+        return self.lam * local + moe
+
+    def param_groups(self) -> list[dict]:
+        return super().param_groups() + [
+            {"params": list(self.gate.parameters()), "lr": self.optim.gate_lr, "schedule": "constant"}
+        ]

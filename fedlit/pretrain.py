@@ -1,0 +1,248 @@
+"""A tiny CLIP contrastively pretrained on generated shapes: the offline default backbone.
+
+A randomly initialised CLIP does not behave like CLIP (zero-shot at chance, prompts barely learn), and
+no weights can be downloaded offline, so fedlit ships a *recipe* and builds the weights on first use.
+The result is cached as ``<cache_dir>/shapes-clip-<hash>.pt``, keyed by a hash of the recipe, and is
+the same for the same recipe (seeded model init and a seeded data stream).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedlit.data.base import Preprocess
+from fedlit.data.shapes import (
+    GENERATOR_VERSION,
+    SHAPES_CLASSNAMES,
+    SHAPES_NATIVE_SIZE,
+    SHAPES_TEMPLATES,
+    render_shapes,
+)
+
+# Bump when the training procedure changes in a way the recipe fields do not capture.
+FORMAT_VERSION = 1
+
+# The images the pretrained model expects: 32 px, normalised with the OpenAI CLIP statistics.
+SHAPES_CLIP_PREPROCESS = Preprocess(
+    image_size=SHAPES_NATIVE_SIZE,
+    mean=tuple(open_clip.OPENAI_DATASET_MEAN),  # type: ignore[arg-type]
+    std=tuple(open_clip.OPENAI_DATASET_STD),  # type: ignore[arg-type]
+)
+
+
+@dataclass(frozen=True)
+class ShapesClipRecipe:
+    """Everything that determines the pretrained weights (the cache key hashes these fields)."""
+
+    embed_dim: int = 128
+    patch_size: int = 4
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_head_width: int = 32
+    text_width: int = 128
+    text_heads: int = 4
+    text_layers: int = 3
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 40
+    seed: int = 0  # model init
+    data_seed: int = 12_345  # stream of generated images and captions (disjoint from the dataset's seeds)
+
+    def model_cfg(self) -> dict:
+        """Keyword arguments of ``open_clip.CLIP`` for this recipe (standard vocab and context length, so
+        ``open_clip.tokenize`` works)."""
+        return {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": {"image_size": SHAPES_NATIVE_SIZE, "patch_size": self.patch_size,
+                           "width": self.vision_width, "layers": self.vision_layers,
+                           "head_width": self.vision_head_width},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": self.text_width,
+                         "heads": self.text_heads, "layers": self.text_layers},
+        }
+
+
+DEFAULT_RECIPE = ShapesClipRecipe()
+
+
+def recipe_hash(recipe: ShapesClipRecipe) -> str:
+    """sha256 hex digest (first 16 characters) of the recipe's fields, the format and generator versions,
+    the class names and the caption templates."""
+    payload = {"recipe": asdict(recipe), "format": FORMAT_VERSION, "generator": GENERATOR_VERSION,
+               "classnames": SHAPES_CLASSNAMES, "templates": list(SHAPES_TEMPLATES)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """``$FEDLIT_CACHE`` if set, else ``~/.cache/fedlit``."""
+    return Path(os.environ.get("FEDLIT_CACHE", "~/.cache/fedlit")).expanduser()
+
+
+def shapes_clip_path(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_RECIPE) -> Path:
+    """Where the weights of ``recipe`` are cached."""
+    return Path(cache_dir).expanduser() / f"shapes-clip-{recipe_hash(recipe)}.pt"
+
+
+def normalize_images(images: Tensor, preprocess: Preprocess = SHAPES_CLIP_PREPROCESS) -> Tensor:
+    """Raw images ``(N, 3, H, W)`` in [0, 1] -> normalised with ``preprocess.mean/std``."""
+    mean = torch.tensor(preprocess.mean, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def encode_text_cut(model: open_clip.CLIP, tokens: Tensor) -> Tensor:
+    """``model.encode_text(tokens)`` ``(N, D)``, computed on the sequences cut after the last end token.
+
+    Exact for a causal text tower with argmax pooling: no position reads a later one, so the padding
+    after the end token never reaches the pooled row. Several times faster on short captions.
+    """
+    length = int(tokens.argmax(-1).max()) + 1
+    tokens = tokens[:, :length]
+    x = model.token_embedding(tokens) + model.positional_embedding[:length]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0]), tokens.argmax(-1)]
+    return x @ model.text_projection
+
+
+def _caption_tokens() -> Tensor:
+    """Tokens of every (template, class) caption, ``(len(SHAPES_TEMPLATES), C, 77)``."""
+    texts = [t.format(name) for t in SHAPES_TEMPLATES for name in SHAPES_CLASSNAMES]
+    return open_clip.tokenize(texts).view(len(SHAPES_TEMPLATES), len(SHAPES_CLASSNAMES), -1)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as in open_clip training: no decay on gains, biases, embeddings of positions, scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        exclude = p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name or "positional" in name
+        (no_decay if exclude else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, labels: Tensor) -> Tensor:
+    """Symmetric cross-entropy on ``logit_scale * cos`` ``(B, B)`` (CLIP's loss), where every pair of the
+    same class counts as a positive (targets spread evenly over them): with 32 classes a batch of 128
+    repeats classes, and treating those repeats as negatives would fight the class structure."""
+    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    same = (labels[:, None] == labels[None, :]).float()
+    targets = same / same.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def _lr_at(step: int, recipe: ShapesClipRecipe) -> float:
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return 0.5 * recipe.lr * (1 + math.cos(math.pi * progress))
+
+
+def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool = True) -> open_clip.CLIP:
+    """Pretrain a CLIP of ``recipe.model_cfg()`` contrastively on a fresh batch of generated images and
+    captions at every step (``recipe.steps * recipe.batch_size`` images in all); returns it in eval mode."""
+    torch.manual_seed(recipe.seed)
+    model = open_clip.CLIP(**recipe.model_cfg())
+    model.train()
+    optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    all_tokens = _caption_tokens()
+    generator = torch.Generator().manual_seed(recipe.data_seed)
+    start = time.perf_counter()
+    for step in range(recipe.steps):
+        labels = torch.randint(len(SHAPES_CLASSNAMES), (recipe.batch_size,), generator=generator)
+        template = torch.randint(len(SHAPES_TEMPLATES), (recipe.batch_size,), generator=generator)
+        images = normalize_images(render_shapes(labels, generator))
+        tokens = all_tokens[template, labels]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, recipe)
+        loss = contrastive_loss(model.encode_image(images), encode_text_cut(model, tokens),
+                                model.logit_scale.exp(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if progress and (step % 50 == 0 or step == recipe.steps - 1):
+            print(f"[shapes-clip] step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
+                  f"{time.perf_counter() - start:.1f}s", flush=True)
+    return model.eval()
+
+
+def build_shapes_clip(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_RECIPE,
+                      progress: bool = True) -> Path:
+    """Path of the cached weights of ``recipe`` under ``cache_dir``, training them first if missing.
+
+    The file is a dict ``{"recipe", "recipe_hash", "model_cfg", "preprocess", "state_dict"}``, written to a
+    temporary file and renamed into place under an exclusive lock, so concurrent builders train once
+    and readers never see a partial file.
+    """
+    path = shapes_clip_path(cache_dir, recipe)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if path.is_file():  # another process built it while we waited
+            return path
+        if progress:
+            print(f"[shapes-clip] building {path.name} (one-time, cached in {path.parent})", flush=True)
+        start = time.perf_counter()
+        model = train_shapes_clip(recipe, progress)
+        payload = {
+            "recipe": asdict(recipe),
+            "recipe_hash": recipe_hash(recipe),
+            "model_cfg": recipe.model_cfg(),
+            "preprocess": asdict(SHAPES_CLIP_PREPROCESS),
+            "state_dict": model.state_dict(),
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if progress:
+            print(f"[shapes-clip] built in {time.perf_counter() - start:.1f}s -> {path}", flush=True)
+    return path
+
+
+def load_shapes_clip(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_RECIPE,
+                     progress: bool = True) -> open_clip.CLIP:
+    """The pretrained shapes CLIP of ``recipe`` in eval mode (built and cached on first use)."""
+    path = build_shapes_clip(cache_dir, recipe, progress)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("recipe_hash") != recipe_hash(recipe):
+        raise ValueError(f"{path} does not hold the weights of this recipe; delete it to rebuild")
+    model = open_clip.CLIP(**payload["model_cfg"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: open_clip.CLIP, images: Tensor, labels: Tensor, classnames: Sequence[str],
+                       template: str = "a photo of a {}.", batch_size: int = 256) -> float:
+    """Top-1 accuracy of zero-shot classification of normalised ``images`` ``(N, 3, H, W)`` against
+    ``labels`` ``(N,)``, with one text prompt ``template.format(name)`` per class name."""
+    text = F.normalize(model.encode_text(open_clip.tokenize([template.format(c) for c in classnames])), dim=-1)
+    correct = 0
+    for chunk, target in zip(images.split(batch_size), torch.as_tensor(labels).split(batch_size)):
+        feats = F.normalize(model.encode_image(chunk), dim=-1)
+        correct += int(((feats @ text.T).argmax(-1) == target).sum())
+    return correct / max(1, len(images))

@@ -1,0 +1,132 @@
+"""CoOp prompt learner: a learnable context placed among frozen start/class/end token embeddings.
+
+The text of class ``c`` is ``"X X ... X <classname>."`` (``n_ctx`` placeholders). Its token embeddings are computed
+once; the start token and everything after the context are kept as frozen buffers, and every forward rebuilds
+``[start, ctx, class tokens ...]`` (class position ``end``; ``front`` and ``middle`` are options) and runs the
+frozen text tower. Buffers are cut after the last end token when the tower allows it (exact).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fedlit.backbone import Backbone
+
+PLACEHOLDER = "X"
+
+
+def clean_classname(name: str) -> str:
+    """Class name as it appears in prompts: underscores become spaces, surrounding blanks dropped."""
+    return name.replace("_", " ").strip()
+
+
+def _token_count(backbone: Backbone, text: str) -> int:
+    """Number of tokens of ``text`` alone (between the start and end tokens)."""
+    return int(backbone.tokenize([text]).argmax(dim=-1)[0]) - 1
+
+
+def init_context(n_ctx: int, width: int, num_classes: int | None, std: float, seed: int | None = None) -> Tensor:
+    """Random context ``N(0, std^2)``: ``(n_ctx, W)``, or ``(C, n_ctx, W)`` when ``num_classes`` is given."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    shape = (n_ctx, width) if num_classes is None else (num_classes, n_ctx, width)
+    return torch.randn(shape, generator=generator) * std
+
+
+class PromptLearner(nn.Module):
+    """Learnable CoOp context for ``C`` classes over a frozen :class:`Backbone`.
+
+    ``ctx``: ``(n_ctx, W)`` (unified) or ``(C, n_ctx, W)`` (class-specific). ``ctx_init`` ("a photo of a") sets the
+    context to those words' embeddings and ``n_ctx`` to their token count. ``cut=False`` keeps full 77-token
+    sequences (only useful to measure the cut's benefit).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: list[str],
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_specific: bool = False,
+        class_position: str = "end",
+        init_std: float = 0.02,
+        seed: int | None = None,
+        cut: bool = True,
+    ):
+        super().__init__()
+        if ctx_init is not None and not isinstance(ctx_init, str):
+            raise ValueError(f"prompt.ctx_init must be a string of words or null (got {ctx_init!r})")
+        if ctx_init is not None and ctx_init.strip().lower() in ("", "false", "none", "null"):
+            raise ValueError(f"prompt.ctx_init={ctx_init!r} looks like a boolean; use null for random init")
+        if not isinstance(class_specific, bool):
+            raise ValueError(f"prompt.class_specific must be a boolean (got {class_specific!r})")
+        if class_position not in ("end", "front", "middle"):
+            raise ValueError(f"prompt.class_position must be end, front or middle (got '{class_position}')")
+        names = [clean_classname(n) for n in classnames]
+        num_classes = len(names)
+        if ctx_init is not None:
+            ctx_init = ctx_init.replace("_", " ").strip()
+            n_ctx = _token_count(backbone, ctx_init)
+        if n_ctx < 1:
+            raise ValueError(f"prompt.n_ctx must be >= 1 (got {n_ctx}); set prompt.n_ctx to a positive count")
+        self.n_ctx = n_ctx
+        self.class_specific = class_specific
+        self.class_position = class_position
+        self.num_classes = num_classes
+        self.classnames = names
+
+        prefix = ctx_init if ctx_init is not None else " ".join([PLACEHOLDER] * n_ctx)
+        tokens = backbone.tokenize([f"{prefix} {name}." for name in names])
+        eot_index = tokens.argmax(dim=-1)
+        length = backbone.sequence_length(eot_index) if cut else backbone.context_length
+        embedding = backbone.token_embeddings(tokens[:, :length]).float().cpu()
+
+        if ctx_init is not None:
+            words = embedding[0, 1 : 1 + n_ctx].clone()
+            ctx = words if not class_specific else words.expand(num_classes, -1, -1).clone()
+        else:
+            ctx = init_context(n_ctx, backbone.text_width, num_classes if class_specific else None, init_std, seed)
+        self.ctx = nn.Parameter(ctx)
+
+        self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # (C, 1, W) start token
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)  # class, '.', end
+        self.register_buffer("eot_index", eot_index, persistent=False)
+        self.name_lens = [_token_count(backbone, name) for name in names]
+
+    @property
+    def ctx_shape(self) -> tuple[int, ...]:
+        """Shape of one client's context: ``(n_ctx, W)`` or ``(C, n_ctx, W)``."""
+        return tuple(self.ctx.shape)
+
+    def build_embeddings(self, ctx: Tensor | None = None) -> Tensor:
+        """Prompt embeddings ``(C, L, W)`` for one context, or ``(G, C, L, W)`` for a stack of ``G`` contexts."""
+        ctx = self.ctx if ctx is None else ctx
+        batched = ctx.dim() == len(self.ctx_shape) + 1
+        if not batched:
+            ctx = ctx.unsqueeze(0)
+        groups = ctx.shape[0]
+        if not self.class_specific:
+            ctx = ctx.unsqueeze(1).expand(-1, self.num_classes, -1, -1)  # (G, C, n_ctx, W)
+        prefix = self.token_prefix.unsqueeze(0).expand(groups, -1, -1, -1).to(ctx.dtype)
+        suffix = self.token_suffix.unsqueeze(0).expand(groups, -1, -1, -1).to(ctx.dtype)
+        if self.class_position == "end":
+            prompts = torch.cat([prefix, ctx, suffix], dim=2)
+        else:
+            prompts = torch.stack(
+                [self._place_class(prefix[:, c], ctx[:, c], suffix[:, c], n) for c, n in enumerate(self.name_lens)],
+                dim=1,
+            )
+        return prompts if batched else prompts[0]
+
+    def _place_class(self, prefix: Tensor, ctx: Tensor, suffix: Tensor, name_len: int) -> Tensor:
+        class_tokens, rest = suffix[:, :name_len], suffix[:, name_len:]
+        if self.class_position == "front":
+            return torch.cat([prefix, class_tokens, ctx, rest], dim=1)
+        half = self.n_ctx // 2
+        return torch.cat([prefix, ctx[:, :half], class_tokens, ctx[:, half:], rest], dim=1)
+
+    def text_features(self, backbone: Backbone, ctx: Tensor | None = None) -> Tensor:
+        """Normalised class text features ``(C, D)`` (or ``(G, C, D)`` for stacked contexts)."""
+        embeddings = self.build_embeddings(ctx)
+        eot = self.eot_index if embeddings.dim() == 3 else self.eot_index.expand(embeddings.shape[0], -1)
+        return backbone.encode_prompts(embeddings, eot)
