@@ -26,6 +26,7 @@ TINY_CLIP_CFG = dict(
     text_cfg=dict(width=64, heads=2, layers=2),
 )
 LOCAL_NAMES = ("tiny", "shapes-clip")
+RANDOM_INIT_SEED = 0  # randomly initialised backbones (tests, benchmarks) are identical everywhere
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
@@ -148,7 +149,9 @@ def load_backbone(
     for random weights. Unknown names, unknown tags and missing files raise one-line errors.
     """
     if name == "tiny":
-        model = open_clip.CLIP(**TINY_CLIP_CFG)
+        with torch.random.fork_rng(devices=[]):  # random weights, but the same ones in every process and run
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.CLIP(**TINY_CLIP_CFG)
         if pretrained:
             _load_local_weights(model, pretrained)
     elif name == "shapes-clip":
@@ -184,7 +187,9 @@ def _load_local_weights(model: nn.Module, path: str) -> None:
 
 def _create_open_clip(name: str, pretrained: str | None) -> nn.Module:
     if pretrained is None:
-        return open_clip.create_model(name, pretrained=None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return open_clip.create_model(name, pretrained=None)
     if _is_weights_file(pretrained):
         file = Path(pretrained).expanduser()
         if not file.is_file():

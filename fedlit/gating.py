@@ -20,7 +20,10 @@ def downsample(z: Tensor, d_gate: int) -> Tensor:
     """
     dim = z.shape[-1]
     if d_gate < 1 or d_gate > dim or dim % d_gate != 0:
-        raise ValueError(f"d_gate={d_gate} must divide the feature width {dim}; set gate.d_gate to a divisor of it (128 for CLIP widths 512/1024)")
+        raise ValueError(
+            f"d_gate={d_gate} must divide the feature width {dim}; "
+            "set gate.d_gate to a divisor of it (128 for CLIP widths 512/1024)"
+        )
     return z[..., :: dim // d_gate]
 
 
@@ -44,7 +47,8 @@ class AttentionGate(nn.Module):
         super().__init__()
         if d_gate < 1 or d_gate > feature_dim or feature_dim % d_gate != 0:
             raise ValueError(
-                f"d_gate={d_gate} must divide feature_dim={feature_dim}; set gate.d_gate to a divisor of it (128 for CLIP widths 512/1024)"
+                f"d_gate={d_gate} must divide feature_dim={feature_dim}; "
+                "set gate.d_gate to a divisor of it (128 for CLIP widths 512/1024)"
             )
         if num_heads < 1 or d_gate % num_heads != 0:
             raise ValueError(f"num_heads={num_heads} must divide d_gate={d_gate}; use e.g. 8 heads")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def config_digest(cfg: Config) -> str:
 
 def make_fabric(cfg: Config) -> Fabric:
     """A launched Fabric for ``cfg.trainer`` (DDP processes when more than one device or node; never wraps models)."""
+    # Harmless notices on CPU clusters: srun on PATH outside a job, and the deprecated autograd all_gather path.
+    warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
     t = cfg.trainer
     multi = t.devices * t.num_nodes > 1
     strategy = t.strategy if t.strategy != "auto" else ("ddp" if multi else "auto")
@@ -69,6 +73,25 @@ def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, pa
     )
 
 
+def prepare_job(cfg: Config, fabric: Fabric | None = None) -> tuple[Backbone, DatasetBundle, Partition, ClientData]:
+    """Backbone, dataset, partition and cached features for ``cfg`` (on ``fabric.device``, CPU without Fabric).
+    With several processes, rank 0 builds the backbone first so that the others only read the cache."""
+    rank = fabric.global_rank if fabric is not None else 0
+    device = fabric.device if fabric is not None else torch.device("cpu")
+    cache_dir = Path(cfg.backbone.cache_dir).expanduser()
+    backbone = None
+    if rank == 0:
+        backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device)
+    if fabric is not None:
+        fabric.barrier()
+    if backbone is None:
+        backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device)
+    bundle = build_dataset(cfg.data, backbone.preprocess)
+    partition = make_partition(bundle, cfg.data, cfg.seed)
+    data = build_client_data(cfg, backbone, bundle, partition, device, FeatureCache(cache_dir / "features"))
+    return backbone, bundle, partition, data
+
+
 def _resolve_run_dir(cfg: Config, fabric: Fabric) -> tuple[Path, bool]:
     """(run directory, resuming?) decided on rank 0 and broadcast so that every rank agrees."""
     choice = None
@@ -92,23 +115,20 @@ def run_experiment(cfg: Config) -> list[dict]:
     log = (lambda m: print(m, flush=True)) if fabric.global_rank == 0 and not cfg.run.quiet else (lambda m: None)
 
     # Everything that can fail on bad input happens before the run directory exists.
-    cache_dir = Path(cfg.backbone.cache_dir).expanduser()
-    if fabric.global_rank == 0:  # rank 0 builds/downloads first so that other ranks only read the cache
-        backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=fabric.device)
-    fabric.barrier()
-    if fabric.global_rank != 0:
-        backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=fabric.device)
-    bundle = build_dataset(cfg.data, backbone.preprocess)
-    partition = make_partition(bundle, cfg.data, cfg.seed)
+    t0 = time.perf_counter()
+    backbone, bundle, partition, data = prepare_job(cfg, fabric)
     log(f"fedlit | {bundle.name}: {bundle.num_classes} classes, {len(bundle.train)} train / {len(bundle.test)} test"
         f" | {cfg.data.partition} partition over {partition.num_clients} clients (digest {partition.digest()[:12]})"
         f" | backbone {backbone.name} | {fabric.world_size} process(es), precision {cfg.trainer.precision}")
-    cache = FeatureCache(cache_dir / "features")
-    t0 = time.perf_counter()
-    data = build_client_data(cfg, backbone, bundle, partition, fabric.device, cache)
-    t_feat = time.perf_counter() - t0
-    log(f"fedlit | image features ready in {t_feat:.1f} s "
+    log(f"fedlit | backbone and image features ready in {time.perf_counter() - t0:.1f} s "
         f"({'train+test cached' if data.train_features is not None else 'test cached, train augmented'})")
+
+    names = algorithms_of(cfg)
+    modules = {}
+    for name in names:  # built before the run directory exists: a bad gate/prompt setting leaves nothing behind
+        torch.manual_seed(cfg.seed)  # every client's initial prompt and gate come from this one draw
+        algorithm = build_algorithm(cfg, name)
+        modules[name] = (algorithm, algorithm.build_module(backbone, bundle.classnames).to(fabric.device))
 
     run_dir, resuming = _resolve_run_dir(cfg, fabric)
     if fabric.global_rank == 0:
@@ -119,12 +139,8 @@ def run_experiment(cfg: Config) -> list[dict]:
     log(f"fedlit | run directory {run_dir}{' (resuming)' if resuming else ''}")
 
     meta = {"dataset": bundle.name, "config_digest": config_digest(cfg), "world_size": fabric.world_size}
-    names = algorithms_of(cfg)
     results = []
-    for name in names:
-        algorithm = build_algorithm(cfg, name)
-        torch.manual_seed(cfg.seed)  # every client's initial prompt and gate come from this one draw
-        module = algorithm.build_module(backbone, bundle.classnames).to(fabric.device)
+    for name, (algorithm, module) in modules.items():
         out = run_dir / name if len(names) > 1 else run_dir
         orchestrator = Orchestrator(cfg, algorithm, module, data, out, fabric=fabric, meta=meta)
         results.append(orchestrator.run(resume=resuming))

@@ -288,13 +288,18 @@ class Orchestrator:
                  f"(worst10 {100 * row['acc_worst10']:.2f}%){glob} | {row['seconds']:.1f} s")
 
     def _write_results(self, history: list, per_client: list) -> dict:
+        """Write ``metrics.csv`` (with timings) and ``results.json`` (numbers only, so that an interrupted and
+        resumed run writes exactly the same file as an uninterrupted one)."""
+        rounds = [
+            {**{k: v for k, v in row.items() if k != "seconds"}, "accuracy": accs["accuracy"]}
+            for row, accs in zip(history, per_client)
+        ]
         results = {
             **self.meta,
             "algorithm": self.algorithm.name,
             "seed": self.cfg.seed,
             "partition_digest": self.data.partition.digest(),
-            "rounds": per_client,
-            "metrics": history,
+            "rounds": rounds,
             "final": final_summary(history) if history else {},
         }
         if self.rank == 0:

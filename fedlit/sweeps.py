@@ -1,0 +1,196 @@
+"""Sweep files: one YAML file that expands into a list of training runs ("cells"), one per Slurm array task.
+
+A sweep file names a base config, common overrides, and either a grid (cartesian product) or an explicit list::
+
+    name: quickstart              # optional; default: the file name without extension
+    config: configs/default.yaml  # optional; relative to the directory you run from (the repository root)
+    base: [fed.rounds=5]          # optional overrides shared by every cell
+    grid:                         # either grid: the product of the value lists, last key varying fastest
+      seed: [0, 1]
+      data.partition: [pathological, dirichlet]
+    # cells:                      # or cells: one override list (or mapping) per run
+    #   - [algorithm=promptfl]
+    #   - {algorithm: pfedmoap, method.num_experts: 4}
+
+Each cell's overrides are ``base + cell + [run.name=<name>-<index>]`` (the run name only when the cell does not
+set one), so every cell writes to its own run directory and ``run.resume=auto`` finds its own checkpoint.
+
+Command line (used by ``slurm/array.sbatch``)::
+
+    python -m fedlit.sweeps count FILE         # number of cells
+    python -m fedlit.sweeps range FILE [MAX]   # the --array spec, e.g. 0-3 (or 0-3%MAX)
+    python -m fedlit.sweeps args FILE INDEX    # the arguments of experiments/train.py for cell INDEX, one a line
+    python -m fedlit.sweeps list FILE          # every cell, one line each
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedlit.config import valid_keys
+
+SWEEP_KEYS = ("name", "config", "base", "grid", "cells")
+
+
+@dataclass
+class Sweep:
+    """An expanded sweep: the config file every cell starts from and one override list per cell."""
+
+    name: str
+    config: str | None
+    cells: list[list[str]]
+
+    def argv(self, index: int) -> list[str]:
+        """The argument list of ``experiments/train.py`` for cell ``index`` (``--config FILE`` first, if any)."""
+        if not 0 <= index < len(self.cells):
+            raise IndexError(f"cell index {index} out of range: this sweep has {len(self.cells)} cells "
+                             f"(valid indices 0-{len(self.cells) - 1})")
+        return (["--config", self.config] if self.config else []) + list(self.cells[index])
+
+
+def format_value(value: Any) -> str:
+    """A YAML value as the right-hand side of a ``key=value`` override that parses back to the same value
+    (``True -> "true"``, ``None -> "null"``, ``[1, 2] -> "[1,2]"``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        raise ValueError(f"nested mapping {value!r} cannot be an override value; use dotted keys (a.b=value)")
+    return str(value)
+
+
+def _check_key(key: str, where: str) -> None:
+    keys = valid_keys()
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see python experiments/train.py --help"
+        raise ValueError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def _overrides(item: Any, where: str) -> list[str]:
+    """``[key=value, ...]`` from a list of ``key=value`` strings or a ``{key: value}`` mapping, keys checked."""
+    if isinstance(item, dict):
+        pairs = [f"{k}={format_value(v)}" for k, v in item.items()]
+    elif isinstance(item, (list, tuple)):
+        pairs = list(item)
+    else:
+        raise ValueError(f"{where} must be a list of key=value strings or a mapping (got {item!r})")
+    for pair in pairs:
+        if not isinstance(pair, str) or "=" not in pair:
+            raise ValueError(f"{where}: override {pair!r} is not of the form key=value")
+        _check_key(pair.split("=", 1)[0], where)
+    return pairs
+
+
+def _grid_cells(grid: Any, where: str) -> list[list[str]]:
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"{where}: grid must be a non-empty mapping of key: [values]")
+    axes = []
+    for key, values in grid.items():
+        _check_key(str(key), where)
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{where}: grid.{key} must be a non-empty list of values (got {values!r})")
+        axes.append([f"{key}={format_value(v)}" for v in values])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def read_sweep(path: str | Path) -> Sweep:
+    """Parse and expand the sweep file ``path``; every override key is checked against the config keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
+    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown sweep key(s) {', '.join(map(str, unknown))}; "
+                         f"valid keys are {', '.join(SWEEP_KEYS)}")
+    if ("grid" in spec) == ("cells" in spec):
+        raise ValueError(f"{path}: give exactly one of grid (a product of value lists) or cells (a list of runs)")
+    name = str(spec.get("name") or path.stem)
+    config = spec.get("config")
+    base = _overrides(spec.get("base") or [], f"{path}: base")
+    if "grid" in spec:
+        cells = _grid_cells(spec["grid"], str(path))
+    else:
+        if not isinstance(spec["cells"], list) or not spec["cells"]:
+            raise ValueError(f"{path}: cells must be a non-empty list of override lists")
+        cells = [_overrides(c, f"{path}: cells[{i}]") for i, c in enumerate(spec["cells"])]
+    expanded = []
+    for index, cell in enumerate(cells):
+        overrides = base + cell
+        if not any(o.startswith("run.name=") for o in overrides):
+            overrides.append(f"run.name={name}-{index}")
+        expanded.append(overrides)
+    return Sweep(name=name, config=None if config is None else str(config), cells=expanded)
+
+
+def load_sweep(path: str | Path) -> list[list[str]]:
+    """The override list of every cell of the sweep file ``path``, in array-index order."""
+    return read_sweep(path).cells
+
+
+def array_range(count: int, max_parallel: int | None = None) -> str:
+    """The ``sbatch --array`` spec for ``count`` tasks: ``"0-(count-1)"``, plus ``"%max_parallel"`` if given."""
+    spec = f"0-{count - 1}" if count > 1 else "0"
+    return f"{spec}%{max_parallel}" if max_parallel else spec
+
+
+USAGE = """usage: python -m fedlit.sweeps count FILE | range FILE [MAX_PARALLEL] | args FILE INDEX | list FILE
+  count  number of cells (array tasks) in the sweep
+  range  the sbatch --array spec: sbatch --array=$(python -m fedlit.sweeps range FILE) slurm/array.sbatch FILE
+  args   the arguments of experiments/train.py for cell INDEX, one per line
+  list   every cell's overrides, one cell per line"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 with a one-line message on bad input)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    expected = {"count": (1, 1), "range": (1, 2), "args": (2, 2), "list": (1, 1)}
+    if command not in expected or not expected[command][0] <= len(rest) <= expected[command][1]:
+        print(f"error: bad arguments {' '.join(argv)!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        sweep = read_sweep(rest[0])
+        if command == "count":
+            print(len(sweep.cells))
+        elif command == "range":
+            limit = None
+            if len(rest) > 1:
+                if not rest[1].isdigit() or int(rest[1]) < 1:
+                    raise ValueError(f"MAX_PARALLEL must be a positive integer (got {rest[1]!r})")
+                limit = int(rest[1])
+            print(array_range(len(sweep.cells), limit))
+        elif command == "args":
+            if not rest[1].lstrip("-").isdigit():
+                raise ValueError(f"INDEX must be an integer (got {rest[1]!r})")
+            print("\n".join(sweep.argv(int(rest[1]))))
+        else:
+            for index, cell in enumerate(sweep.cells):
+                print(f"{index}: {' '.join(cell)}")
+    except (ValueError, FileNotFoundError, IndexError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

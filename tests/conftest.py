@@ -1,0 +1,65 @@
+"""Shared fixtures: frozen backbones built once per session with seeded random weights (no download)."""
+
+from __future__ import annotations
+
+import logging
+
+import open_clip
+import pytest
+import torch
+
+from fedlit.backbone import Backbone, _preprocess_of, load_backbone
+
+# Class names with an underscore and a multi-token name, so that cleaning and class-token lengths matter.
+CLASSNAMES = ["cat", "golden_retriever", "sea turtle"]
+
+
+def _seeded(build, seed: int):
+    """Run ``build()`` under ``torch.manual_seed(seed)`` without disturbing the caller's global RNG."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build()
+
+
+@pytest.fixture(scope="session")
+def classnames() -> list[str]:
+    return list(CLASSNAMES)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> Backbone:
+    """The random ``tiny`` CLIP (ViT tower, D = W = 64), seed 0."""
+    return _seeded(lambda: load_backbone("tiny"), 0)
+
+
+@pytest.fixture(scope="session")
+def vitb32_backbone() -> Backbone:
+    """A randomly initialised open_clip ``ViT-B-32`` (D = W = 512); about 1-2 s to build, nothing downloaded."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns (root logger) that no pretrained weights were loaded
+    try:
+        return _seeded(lambda: load_backbone("ViT-B-32", pretrained=None), 0)
+    finally:
+        root.setLevel(level)
+
+
+def build_tiny_resnet(seed: int = 0) -> Backbone:
+    """A random CLIP with a small ModifiedResNet image tower (BatchNorm buffers) and a 1-layer text tower."""
+
+    def build() -> Backbone:
+        model = open_clip.CLIP(
+            embed_dim=64,
+            vision_cfg=dict(image_size=32, layers=(1, 1, 1, 1), width=16, head_width=16),
+            text_cfg=dict(width=64, heads=2, layers=1),
+        )
+        tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        return Backbone(model, tokenizer, "tiny-resnet", f"tiny-resnet:random:{seed}", _preprocess_of(model))
+
+    return _seeded(build, seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_factory():
+    """Builds a fresh tiny ResNet-tower backbone (about 0.1 s) for tests that must not share one."""
+    return build_tiny_resnet
