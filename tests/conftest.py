@@ -63,3 +63,13 @@ def build_tiny_resnet(seed: int = 0) -> Backbone:
 def tiny_resnet_factory():
     """Builds a fresh tiny ResNet-tower backbone (about 0.1 s) for tests that must not share one."""
     return build_tiny_resnet
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test: the tensors are tiny, and on a busy 2-core machine thread barriers
+    cost far more than the arithmetic. The previous setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

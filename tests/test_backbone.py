@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from fedlit.backbone import load_backbone
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def one_line(err: pytest.ExceptionInfo) -> str:
     message = str(err.value)

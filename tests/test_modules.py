@@ -15,6 +15,8 @@ from fedlit.config import GateConfig, OptimConfig, PromptConfig
 from fedlit.modules import CoOpClient, PFedMoAPClient, ZeroShotClient
 from fedlit.modules.base import cosine_factor
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TINY_GATE = GateConfig(d_gate=16)  # tiny D = 64 -> keep every 4th coordinate, 8 heads of 2
 
 
@@ -50,10 +52,10 @@ def assert_unchanged(backbone, snapshot: dict[str, torch.Tensor]) -> None:
 def fit(module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int = 16) -> L.Trainer:
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "the dataloader does not have many workers", ...
+        warnings.simplefilter("ignore")  # "the dataloader does not have many workers", "srun is available", ...
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(module, loader)
     return trainer
 
@@ -80,9 +82,9 @@ def test_pfedmoap_trainable_parameters_vitb32(vitb32_backbone, classnames):
     assert ctx.shape == (16, 512)
     assert sum(p.numel() for p in params.values()) == ctx.numel() + 66_048 == 74_240
     assert sum(p.numel() for n, p in params.items() if n.startswith("gate.")) == 66_048
-    assert set(params) == {"prompt_learner.ctx"} | {
-        f"gate.{proj}_proj.{kind}" for proj in "qkvo" if proj != "o" for kind in ("weight", "bias")
-    } | {"gate.out_proj.weight", "gate.out_proj.bias"}
+    gate_names = {f"gate.{proj}.{kind}" for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+                  for kind in ("weight", "bias")}
+    assert set(params) == {"prompt_learner.ctx"} | gate_names
     # The optimiser sees exactly these tensors, never the backbone's.
     opt = module.configure_optimizers()["optimizer"]
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params.values()}
@@ -215,7 +217,8 @@ def test_gradient_reaches_ctx_through_local_and_gate_paths(tiny_backbone, classn
     g_moe, = torch.autograd.grad(moe.sum(), module.prompt_learner.ctx, retain_graph=True)
     g_all, = torch.autograd.grad(module.logits_from(feats, text).sum(), module.prompt_learner.ctx)
     assert g_local.abs().sum() > 0 and g_moe.abs().sum() > 0
-    torch.testing.assert_close(g_all, g_local + g_moe, rtol=1e-5, atol=1e-7)
+    # Equal up to float32 summation order (the two upstream gradients meet before the text tower in g_all).
+    torch.testing.assert_close(g_all, g_local + g_moe, rtol=0, atol=1e-6 * g_all.abs().max().item())
 
 
 # -- client state ---------------------------------------------------------------------------------------------
@@ -252,7 +255,7 @@ def test_fedprox_regularizer_value_and_gradient(tiny_backbone, classnames):
     mu = 0.01
     module = CoOpClient(tiny_backbone, classnames, prox_mu=mu, seed=0)
     assert module.regularizer() is None  # no centre yet
-    center = init_context(seed=9)
+    center = torch.randn(16, 64, generator=torch.Generator().manual_seed(9)) * 0.02
     module.set_prox_center(center)
     ctx = module.prompt_learner.ctx
     value = module.regularizer()
@@ -267,10 +270,6 @@ def test_fedprox_regularizer_value_and_gradient(tiny_backbone, classnames):
     module.set_prox_center(None)
     assert module.regularizer() is None
     assert CoOpClient(tiny_backbone, classnames, prox_mu=0.0).regularizer() is None
-
-
-def init_context(seed: int) -> torch.Tensor:
-    return torch.randn(16, 64, generator=torch.Generator().manual_seed(seed)) * 0.02
 
 
 # -- zero-shot ------------------------------------------------------------------------------------------------
@@ -301,6 +300,7 @@ def test_pfedmoap_trains_with_lightning_trainer(tiny_backbone):
     before = accuracy(module, x, y)
     trainer = fit(module, x, y, epochs=5)
     after = accuracy(module, x, y)
+    print(f"pFedMoAP train accuracy {before:.3f} -> {after:.3f}")
     assert before <= 0.3 and after >= 0.85, (before, after)  # chance is 0.25
     assert trainer.callback_metrics["train_acc"] >= 0.8
     assert all(not torch.equal(p, gate_before[n]) for n, p in module.gate.named_parameters())
@@ -319,6 +319,7 @@ def test_coop_trains_with_lightning_trainer(tiny_backbone):
     before = accuracy(module, x, y)
     fit(module, x, y, epochs=5)
     after = accuracy(module, x, y)
+    print(f"CoOp train accuracy {before:.3f} -> {after:.3f}")
     assert before <= 0.3 and after >= 0.85, (before, after)
 
 

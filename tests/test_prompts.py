@@ -10,6 +10,8 @@ from fedlit.prompts import PromptLearner, clean_classname, init_context
 
 BACKBONES = ["tiny_backbone", "vitb32_backbone"]
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def backbone_and_names(request, name: str, classnames: list[str]):
     """The backbone fixture ``name``; ViT-B-32 gets two classes only (its full 77-token pass is the slow part)."""

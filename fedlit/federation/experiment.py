@@ -31,6 +31,7 @@ RESUMABLE_KEYS = ("run", "trainer")
 def config_digest(cfg: Config) -> str:
     """Hash of everything in ``cfg`` that determines the numbers (not the process layout or run bookkeeping)."""
     data = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_KEYS}
+    data["fed"].pop("rounds")  # a finished run may be extended by more rounds
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
