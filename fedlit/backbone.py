@@ -46,7 +46,7 @@ class Backbone(nn.Module):
         self.preprocess = preprocess
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.model.eval()
+        self.eval()  # the wrapper as well as the CLIP inside: Lightning captures and restores every flag
         self.text_width = int(model.token_embedding.weight.shape[1])
         self.context_length = int(model.positional_embedding.shape[0])
         proj = model.text_projection

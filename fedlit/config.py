@@ -91,6 +91,15 @@ class MethodConfig:
 
 
 @dataclass
+class PerfConfig:
+    cache_features: bool = True  # False: encode images at every step and evaluation (the straightforward path)
+    cut_text: bool = True  # False: run full 77-token text sequences
+    client_batch: int = 1  # G clients of a rank trained together through the text encoder; 0 = choose by memory
+    augmented_views: int = 0  # > 0: precompute this many augmented views per train image (changes semantics)
+    disk_cache: bool = False  # also keep image features on disk under backbone.cache_dir/features
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "cpu"
     devices: int = 1
@@ -118,6 +127,7 @@ class Config:
     fed: FederationConfig = field(default_factory=FederationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -229,6 +239,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.gate.top_k is None or cfg.gate.top_k >= 1, f"gate.top_k must be >= 1 (got {cfg.gate.top_k})")
     _check(cfg.gate.d_gate % cfg.gate.num_heads == 0,
            f"gate.d_gate={cfg.gate.d_gate} must be divisible by gate.num_heads={cfg.gate.num_heads}")
+    _check(cfg.perf.client_batch >= 0, f"perf.client_batch must be >= 0 (got {cfg.perf.client_batch})")
+    _check(cfg.perf.augmented_views >= 0, f"perf.augmented_views must be >= 0 (got {cfg.perf.augmented_views})")
     _check(cfg.trainer.devices >= 1 and cfg.trainer.num_nodes >= 1, "trainer.devices and num_nodes must be >= 1")
     _check(cfg.run.resume in (None, "auto") or Path(str(cfg.run.resume)).is_dir(),
            f"run.resume must be auto or an existing run directory (got '{cfg.run.resume}')")

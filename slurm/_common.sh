@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by slurm/array.sbatch and slurm/multinode.sbatch (sourced, not run).
 #
 # Inputs (environment): FEDLIT_ROOT (set by the sbatch script), FEDLIT_VENV (default $FEDLIT_ROOT/.venv;

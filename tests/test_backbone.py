@@ -36,6 +36,7 @@ def test_vitb32_backbone_attributes(vitb32_backbone):
 
 def test_train_keeps_eval_mode(tiny_resnet_factory):
     bb = tiny_resnet_factory()
+    assert not any(m.training for m in bb.modules())  # from construction on, the wrapper included
     assert bb.train() is bb
     assert not any(m.training for m in bb.modules())
     bb.train(True)

@@ -120,6 +120,19 @@ def test_backbone_bit_identical_after_optimisation_step(tower, tiny_backbone, ti
         assert any("running_mean" in n for n in snapshot)  # BatchNorm statistics were among the checked buffers
 
 
+def test_resnet_backbone_untouched_by_lightning_fit(tiny_resnet_factory):
+    # Lightning 2.x does not call module.train() in fit; it keeps (and restores) each submodule's flag, so what
+    # protects the BatchNorm statistics here is that the backbone is built in eval mode.
+    backbone = tiny_resnet_factory()
+    module = tiny_moap(backbone, ["a", "b", "c", "d"], experts=2)
+    snapshot = backbone_snapshot(backbone)
+    ctx_before = module.prompt_learner.ctx.detach().clone()
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fit(module, images, torch.arange(4).repeat(2), epochs=1, batch_size=4)
+    assert not torch.equal(module.prompt_learner.ctx, ctx_before)
+    assert_unchanged(backbone, snapshot)
+
+
 # -- optimisers -----------------------------------------------------------------------------------------------
 def test_configure_optimizers_sgd_cosine_prompt_constant_gate(tiny_backbone, classnames):
     epochs = 5

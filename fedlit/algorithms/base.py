@@ -65,6 +65,12 @@ class Algorithm:
         self.cfg = cfg
 
     # -- client model -------------------------------------------------------------------------------------------
+    def module_kwargs(self) -> dict:
+        """Constructor arguments every prompt-learning client module shares."""
+        cfg = self.cfg
+        return dict(prompt=cfg.prompt, optim=cfg.optim, epochs=cfg.fed.local_epochs, seed=cfg.seed,
+                    cut=cfg.perf.cut_text)
+
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
         """The process's one client module (its initial state is every client's initial state)."""
         raise TypeError(f"{type(self).__name__} must define build_module")

@@ -12,8 +12,7 @@ class CoOpLocal(Algorithm):
     has_global_prompt = False
 
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
-        return CoOpClient(backbone, classnames, prompt=self.cfg.prompt, optim=self.cfg.optim,
-                          epochs=self.cfg.fed.local_epochs, seed=self.cfg.seed)
+        return CoOpClient(backbone, classnames, **self.module_kwargs())
 
     def plan(self, server: ServerState, client_id: int, own: State | None, initial: State) -> ClientPlan:
         """A client continues from its own last prompt (the initial prompt the first time)."""

@@ -14,8 +14,7 @@ class FedProx(PromptFL):
     name = "fedprox"
 
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
-        return CoOpClient(backbone, classnames, prompt=self.cfg.prompt, optim=self.cfg.optim,
-                          epochs=self.cfg.fed.local_epochs, seed=self.cfg.seed, prox_mu=self.cfg.method.mu)
+        return CoOpClient(backbone, classnames, prox_mu=self.cfg.method.mu, **self.module_kwargs())
 
     def load(self, module: ClientModule, plan: ClientPlan, expert_features: Tensor | None = None) -> None:
         super().load(module, plan)

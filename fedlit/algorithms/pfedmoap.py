@@ -54,8 +54,7 @@ class PFedMoAP(Algorithm):
 
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
         return PFedMoAPClient(backbone, classnames, gate=self.cfg.gate, lam=self.cfg.method.lam,
-                              prompt=self.cfg.prompt, optim=self.cfg.optim, epochs=self.cfg.fed.local_epochs,
-                              seed=self.cfg.seed)
+                              **self.module_kwargs())
 
     @property
     def num_nonlocal(self) -> int:

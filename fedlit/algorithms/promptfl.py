@@ -11,8 +11,7 @@ class PromptFL(Algorithm):
     name = "promptfl"
 
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
-        return CoOpClient(backbone, classnames, prompt=self.cfg.prompt, optim=self.cfg.optim,
-                          epochs=self.cfg.fed.local_epochs, seed=self.cfg.seed)
+        return CoOpClient(backbone, classnames, **self.module_kwargs())
 
     def aggregate(self, server: ServerState, uploads: dict[int, State], sizes: dict[int, int]) -> ServerState:
         new = super().aggregate(server, uploads, sizes)

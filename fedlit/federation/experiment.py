@@ -17,10 +17,11 @@ from fedlit.algorithms import build_algorithm
 from fedlit.backbone import Backbone, load_backbone
 from fedlit.config import ALGORITHMS, Config, to_yaml
 from fedlit.data.base import DatasetBundle
-from fedlit.data.features import FeatureCache, encode_dataset, feature_key
+from fedlit.data.features import FeatureCache
 from fedlit.data.partition import Partition, make_partition, save_manifest
 from fedlit.data.registry import build_dataset
-from fedlit.federation.orchestrator import ClientData, Orchestrator
+from fedlit.federation.client_data import ClientData, build_client_data
+from fedlit.federation.orchestrator import Orchestrator
 from fedlit.federation.signals import Preempted, requeue_slurm_job
 from fedlit.reporting import atomic_write_text, comparison_table, latest_run_dir, new_run_dir_name
 
@@ -54,26 +55,6 @@ def algorithms_of(cfg: Config) -> list[str]:
     return list(ALGORITHMS) if cfg.algorithm == "all" else [cfg.algorithm]
 
 
-def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, partition: Partition,
-                      device: torch.device, cache: FeatureCache) -> ClientData:
-    """Cached test features (always) and train features (when the train transform is deterministic)."""
-    def features(split: str, dataset) -> torch.Tensor:
-        key = feature_key(backbone, bundle.name, split, bundle.transform_id, len(dataset))
-        return cache.get_or_compute(key, lambda: encode_dataset(backbone, dataset, device=device,
-                                                                num_workers=cfg.data.num_workers))
-
-    return ClientData(
-        partition=partition,
-        train_labels=torch.as_tensor(bundle.train.targets, dtype=torch.long),
-        test_features=features("test", bundle.test),
-        test_labels=torch.as_tensor(bundle.test.targets, dtype=torch.long),
-        train_features=None if bundle.augmented else features("train", bundle.train),
-        bundle=bundle,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-    )
-
-
 def prepare_job(cfg: Config, fabric: Fabric | None = None) -> tuple[Backbone, DatasetBundle, Partition, ClientData]:
     """Backbone, dataset, partition and cached features for ``cfg`` (on ``fabric.device``, CPU without Fabric).
     With several processes, rank 0 builds the backbone first so that the others only read the cache."""
@@ -89,7 +70,8 @@ def prepare_job(cfg: Config, fabric: Fabric | None = None) -> tuple[Backbone, Da
         backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device)
     bundle = build_dataset(cfg.data, backbone.preprocess)
     partition = make_partition(bundle, cfg.data, cfg.seed)
-    data = build_client_data(cfg, backbone, bundle, partition, device, FeatureCache(cache_dir / "features"))
+    cache = FeatureCache(cache_dir / "features" if cfg.perf.disk_cache else None)
+    data = build_client_data(cfg, backbone, bundle, partition, device, cache)
     return backbone, bundle, partition, data
 
 

@@ -9,19 +9,16 @@ all-gather, so any rank can run any client next round and 1 or N processes give 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
 
 from fedlit.algorithms import Algorithm, ClientPlan, ServerState
 from fedlit.config import Config
-from fedlit.data.base import DatasetBundle
-from fedlit.data.partition import Partition
 from fedlit.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from fedlit.federation.client_data import ClientData
 from fedlit.federation.collectives import gather_uploads, state_layout
 from fedlit.federation.sampling import assign_to_ranks, client_generator, sample_clients
 from fedlit.federation.signals import Preempted, StopRequest
@@ -30,41 +27,17 @@ from fedlit.modules import ClientModule
 from fedlit.reporting import write_metrics_csv, write_results_json
 
 MOMENTUM = "momentum."
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: max allocated CUDA memory on a GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 STAT = "stat."
 EVAL_CHUNK = 1024
-
-
-@dataclass
-class ClientData:
-    """Features and labels of both splits plus the partition. ``train_features`` is None when the train transform
-    is random (augmentation): then images are loaded and encoded every step."""
-
-    partition: Partition
-    train_labels: Tensor
-    test_features: Tensor
-    test_labels: Tensor
-    train_features: Tensor | None = None
-    bundle: DatasetBundle | None = None
-    batch_size: int = 32
-    num_workers: int = 0
-
-    def train_size(self, cid: int) -> int:
-        """Number of train samples of client ``cid``."""
-        return len(self.partition.train_indices[cid])
-
-    def train_batches(self, cid: int, generator: torch.Generator, device: torch.device):
-        """One epoch of shuffled ``(x, y)`` batches of client ``cid`` (features, or images when not cached)."""
-        index = torch.as_tensor(self.partition.train_indices[cid], dtype=torch.long)
-        if self.train_features is None:
-            loader = DataLoader(Subset(self.bundle.train, index.tolist()), batch_size=self.batch_size, shuffle=True,
-                                generator=generator, num_workers=self.num_workers)
-            for x, y in loader:
-                yield x.to(device), y.to(device)
-            return
-        order = index[torch.randperm(len(index), generator=generator)]
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            yield self.train_features[batch].to(device), self.train_labels[batch].to(device)
 
 
 class Orchestrator:
@@ -148,7 +121,7 @@ class Orchestrator:
         with self._autocast():
             text = module.class_text_features()
             for start in range(0, len(features), EVAL_CHUNK):
-                x = features[start : start + EVAL_CHUNK].to(self.device)
+                x = module.image_features(features[start : start + EVAL_CHUNK].to(self.device))
                 y = labels[start : start + EVAL_CHUNK].to(self.device)
                 correct += int((module.logits_from(x, text).argmax(dim=-1) == y).sum())
         return correct, len(features)
@@ -163,7 +136,7 @@ class Orchestrator:
         for cid in mine:
             index = torch.as_tensor(part.test_indices[cid], dtype=torch.long)
             plan = self.algorithm.eval_plan(server, store.get(cid), self.initial)
-            counts[cid] = torch.tensor(self._accuracy_counts(plan, self.data.test_features[index],
+            counts[cid] = torch.tensor(self._accuracy_counts(plan, self.data.test_inputs(index),
                                                              self.data.test_labels[index]), dtype=torch.float64)
         if self.world > 1:
             counts = self.fabric.all_reduce(counts.to(self.device), reduce_op="sum").cpu()
@@ -171,7 +144,7 @@ class Orchestrator:
         plan = self.algorithm.global_plan(server, self.initial)
         global_acc = None
         if plan is not None:
-            correct, total = self._accuracy_counts(plan, self.data.test_features, self.data.test_labels)
+            correct, total = self._accuracy_counts(plan, self.data.test_inputs(), self.data.test_labels)
             global_acc = correct / max(total, 1)
         return accuracies, global_acc
 
@@ -227,7 +200,26 @@ class Orchestrator:
             self.stop.uninstall()
         if self.rank == 0 and not checkpoint.is_file():
             save_checkpoint(checkpoint, self._checkpoint_payload(server, store, history, per_client))
+        self.memory = self.memory_per_client(store)
+        self.log(f"[{algorithm.name}] memory per simulated client: " + ", ".join(
+            f"{k.removesuffix('_bytes')} {v / 1024:.1f} KiB" for k, v in self.memory.items())
+            + f" | peak process memory {peak_memory_bytes(self.device) / 2**20:.0f} MiB")
         return self._write_results(history, per_client)
+
+    def memory_per_client(self, store: dict) -> dict[str, int]:
+        """Bytes one simulated client costs: its stored state (prompt, gate, optimiser state), the expert prompts
+        it keeps, and its share of the cached image features (deterministic; no process overheads)."""
+        def nbytes(t) -> int:
+            return int(t.numel() * t.element_size()) if isinstance(t, Tensor) else 0
+
+        entries = list(store.values())
+        state = max((sum(nbytes(v) for v in e["state"].values()) for e in entries), default=0)
+        state = state or sum(nbytes(v) for v in self.initial.values())
+        experts = max((nbytes(e["experts"]) for e in entries), default=0)
+        features = nbytes(self.data.train_features) + nbytes(self.data.test_features)
+        share = features // max(self.num_clients, 1)
+        return {"state_bytes": state, "experts_bytes": experts, "features_share_bytes": share,
+                "total_bytes": state + experts + share}
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if self.stop.requested else 0.0])
@@ -244,7 +236,12 @@ class Orchestrator:
                  for cid in sampled}
         assignment = assign_to_ranks(sampled, sizes, self.world)
         mine = assignment[self.rank] if self.visit_order == "sorted" else assignment[self.rank][::-1]
-        local = {cid: self.train_client(cid, plans[cid], r) for cid in mine}
+        if cfg.perf.client_batch == 1:
+            local = {cid: self.train_client(cid, plans[cid], r) for cid in mine}
+        else:
+            from fedlit.federation.batched import train_clients_batched
+
+            local = train_clients_batched(self, {cid: plans[cid] for cid in mine}, r, cfg.perf.client_batch)
         uploads = gather_uploads(self.fabric, local, self._upload_layout(), max(len(a) for a in assignment))
         losses = [float(uploads[c][STAT + "loss"]) for c in sampled]
         states = {c: {k: v for k, v in uploads[c].items() if not k.startswith(STAT)} for c in sampled}
@@ -296,6 +293,7 @@ class Orchestrator:
         ]
         results = {
             **self.meta,
+            "memory_per_client_bytes": getattr(self, "memory", {}),
             "algorithm": self.algorithm.name,
             "seed": self.cfg.seed,
             "partition_digest": self.data.partition.digest(),
