@@ -25,6 +25,7 @@ class BackboneConfig:
     name: str = "shapes-clip"  # open_clip model name, "shapes-clip" (built offline) or "tiny" (random)
     pretrained: str | None = None  # open_clip pretrained tag (e.g. "openai") or a local weights file
     cache_dir: str = "~/.cache/fedlit"  # where built backbones and feature caches live
+    sanity_check: bool = True  # pretrained backbones: stop if zero-shot accuracy is at chance (misaligned names)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from fedlit.federation.client_data import ClientData, build_client_data
 from fedlit.federation.orchestrator import Orchestrator
 from fedlit.federation.signals import Preempted, requeue_slurm_job
 from fedlit.reporting import atomic_write_text, comparison_table, latest_run_dir, new_run_dir_name
+from fedlit.sanity import check_zero_shot, zero_shot_accuracy
 
 # Keys that may differ between an interrupted run and its resumption (layout and bookkeeping, not the maths).
 RESUMABLE_KEYS = ("run", "trainer")
@@ -34,6 +35,11 @@ def config_digest(cfg: Config) -> str:
     data = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_KEYS}
     data["fed"].pop("rounds")  # a finished run may be extended by more rounds
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_pretrained(cfg: Config) -> bool:
+    """Whether the backbone carries trained weights (then zero-shot must beat chance)."""
+    return cfg.backbone.name == "shapes-clip" or (cfg.backbone.pretrained is not None)
 
 
 def make_fabric(cfg: Config) -> Fabric:
@@ -105,6 +111,14 @@ def run_experiment(cfg: Config) -> list[dict]:
         f" | backbone {backbone.name} | {fabric.world_size} process(es), precision {cfg.trainer.precision}")
     log(f"fedlit | backbone and image features ready in {time.perf_counter() - t0:.1f} s "
         f"({'train+test cached' if data.train_features is not None else 'test cached, train augmented'})")
+
+    if is_pretrained(cfg) and data.test_features is not None:
+        accuracy = zero_shot_accuracy(backbone, bundle.classnames, data.test_features, data.test_labels,
+                                      cfg.method.template)
+        log(f"fedlit | zero-shot accuracy before training: {100 * accuracy:.2f}% on {bundle.num_classes} classes "
+            f"(chance {100 / bundle.num_classes:.2f}%)")
+        if cfg.backbone.sanity_check:
+            check_zero_shot(accuracy, bundle.num_classes, bundle.name)
 
     names = algorithms_of(cfg)
     modules = {}

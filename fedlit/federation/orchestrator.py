@@ -22,7 +22,7 @@ from fedlit.federation.client_data import ClientData
 from fedlit.federation.collectives import gather_uploads, state_layout
 from fedlit.federation.sampling import assign_to_ranks, client_generator, sample_clients
 from fedlit.federation.signals import Preempted, StopRequest
-from fedlit.metrics import final_summary, round_metrics
+from fedlit.metrics import domain_metrics, final_summary, round_metrics
 from fedlit.modules import ClientModule
 from fedlit.reporting import write_metrics_csv, write_results_json
 
@@ -276,6 +276,9 @@ class Orchestrator:
         row = {"round": r, "clients": clients, "loss": loss, "acc_global": global_acc,
                "seconds": round(seconds + time.perf_counter() - t0, 4),
                **round_metrics(accuracies, [len(t) for t in part.test_indices])}
+        domain_names = self.data.bundle.domain_names if self.data.bundle is not None else None
+        if part.client_domains is not None and domain_names:
+            row["domains"] = domain_metrics(accuracies, part.client_domains, domain_names)
         history.append(row)
         per_client.append({"round": r, "accuracy": accuracies})
         glob = f" | global {100 * global_acc:.2f}%" if global_acc is not None else ""
