@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedlit.config import ConfigError, load_config, to_yaml
+from fedlit.config import ConfigError, load_config
 
 MAIN_KEYS = """main keys (any key of the config can be overridden as key=value):
   algorithm=pfedmoap|promptfl|fedprox|coop_local|zeroshot|all   seed=0
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from fedlit.federation.experiment import Preempted, requeue_slurm_job, run_experiment
+    from fedlit.federation.signals import STOP
 
-    if not cfg.run.quiet:
-        print(to_yaml(cfg), flush=True)
+    STOP.install()  # a stop signal during start-up is honoured at the first round boundary
     try:
         run_experiment(cfg)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         requeued = requeue_slurm_job()
         print(f"fedlit: {stop}; {'requeued' if requeued else 'resume with run.resume=auto'}", file=sys.stderr)
         return 0 if requeued else 3
+    finally:
+        STOP.uninstall()
     return 0
 
 

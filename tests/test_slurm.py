@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,13 @@ def test_format_value_round_trips_through_the_config_loader():
 def test_every_cell_of_the_quickstart_sweep_is_a_valid_config():
     sweep = read_sweep(ROOT / "configs" / "sweeps" / "quickstart.yaml")
     assert len(sweep.cells) == 2
-    configs = [load_config(ROOT / sweep.config, cell) for cell in sweep.cells]
-    assert [(c.seed, c.run.name) for c in configs] == [(0, "quickstart-0"), (1, "quickstart-1")]
-    assert all(c.algorithm == "all" and c.data.name == "shapes" for c in configs)  # the offline default
+    assert sweep.config == "configs/default.yaml"
+    default = asdict(load_config(ROOT / sweep.config))
+    for seed, cell in enumerate(sweep.cells):
+        cfg = asdict(load_config(ROOT / sweep.config, cell))
+        assert (cfg["seed"], cfg["run"]["name"]) == (seed, f"quickstart-{seed}")
+        # the offline default in everything else
+        assert {**cfg, "seed": default["seed"], "run": default["run"]} == default
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -180,12 +185,12 @@ def test_resume_override_only_after_a_restart_by_default(mode, restarts, expecte
 # ---------------------------------------------------------------------------------------------------------------------
 # A real one-node Slurm cluster
 # ---------------------------------------------------------------------------------------------------------------------
-TINY = ["backbone.name=tiny", "gate.d_gate=16", "data.num_clients=4", "method.num_experts=2", "data.shots=4",
-        "data.train_per_class=8", "data.test_per_class=4", "algorithm=pfedmoap", "fed.local_epochs=1",
-        "fed.rounds=2"]
+SMALL = ["backbone.name=tiny", "gate.d_gate=16", "data.num_clients=4", "method.num_experts=2", "data.shots=4",
+         "data.train_per_class=8", "data.test_per_class=4", "algorithm=pfedmoap"]
+TINY = SMALL + ["fed.rounds=2", "fed.local_epochs=1"]
 # Enough rounds that a stop signal sent after the first checkpoint lands while the job is still training.
 REQUEUE_ROUNDS = 12
-LONG = TINY + [f"fed.rounds={REQUEUE_ROUNDS}", "fed.local_epochs=2"]
+LONG = SMALL + [f"fed.rounds={REQUEUE_ROUNDS}", "fed.local_epochs=2"]
 
 
 def venv_env() -> dict[str, str]:
@@ -245,6 +250,7 @@ def accuracies(results: dict) -> list[tuple[int, list[float]]]:
 
 
 def wait_for_file(pattern: str, root: Path, timeout: float, job_state) -> None:
+    """Poll until ``root.glob(pattern)`` finds a file; fail if the job ends first or after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while not list(root.glob(pattern)):
         assert time.monotonic() < deadline, f"no {pattern} under {root} after {timeout:.0f} s"
@@ -301,7 +307,8 @@ def submit_and_requeue(cluster, out: Path, name: str, submit) -> tuple[dict, str
         records = cluster.wait_job(job, timeout=180)
         print(f"{name}: signalled {t_signal - t0:.1f} s after submission, finished after requeue in "
               f"{time.monotonic() - t_signal:.1f} s")
-        assert [(r["JobState"], r["ExitCode"], r["Restarts"]) for r in records] == [("COMPLETED", "0:0", "1")]
+        summary = [(r["JobState"], r["ExitCode"], r["Restarts"]) for r in records]
+        assert summary == [("COMPLETED", "0:0", "1")], f"job {job} (state, exit code, restarts): {summary}"
         text = log.read_text()
         assert "fedlit: stopped after round" in text and "; requeued" in text, "the run did not requeue itself"
         assert "restart 1" in text and "run.resume=auto" in text

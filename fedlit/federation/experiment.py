@@ -102,6 +102,7 @@ def run_experiment(cfg: Config) -> list[dict]:
     fabric = make_fabric(cfg)
     torch.manual_seed(cfg.seed)
     log = (lambda m: print(m, flush=True)) if fabric.global_rank == 0 and not cfg.run.quiet else (lambda m: None)
+    log(to_yaml(cfg))
 
     # Everything that can fail on bad input happens before the run directory exists.
     t0 = time.perf_counter()

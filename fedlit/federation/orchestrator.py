@@ -21,7 +21,7 @@ from fedlit.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_
 from fedlit.federation.client_data import ClientData
 from fedlit.federation.collectives import gather_uploads, state_layout
 from fedlit.federation.sampling import assign_to_ranks, client_generator, sample_clients
-from fedlit.federation.signals import Preempted, StopRequest
+from fedlit.federation.signals import STOP, Preempted
 from fedlit.metrics import domain_metrics, final_summary, round_metrics
 from fedlit.modules import ClientModule
 from fedlit.reporting import write_metrics_csv, write_results_json
@@ -58,7 +58,7 @@ class Orchestrator:
         self.device = fabric.device if fabric is not None else torch.device("cpu")
         self.num_clients = data.partition.num_clients
         self.initial = module.client_state()
-        self.stop = StopRequest()
+        self.stop = STOP
         self.visit_order: str = "sorted"  # "reversed" visits a rank's clients backwards (order-invariance tests)
 
     # -- output ---------------------------------------------------------------------------------------------------
@@ -187,7 +187,9 @@ class Orchestrator:
         total_rounds = cfg.fed.rounds if algorithm.trains else 0
         if not algorithm.trains and not history:
             self._evaluate_round(0, server, store, history, per_client, loss=None, clients=0, seconds=0.0)
-        self.stop.install()
+        installed_here = not self.stop.installed
+        if installed_here:
+            self.stop.install()
         try:
             while server.round < total_rounds:
                 server = self._round(server, store, sizes, history, per_client)
@@ -197,7 +199,8 @@ class Orchestrator:
                 if self._stop_requested():
                     raise Preempted(f"stopped after round {server.round}")
         finally:
-            self.stop.uninstall()
+            if installed_here:
+                self.stop.uninstall()
         if self.rank == 0 and not checkpoint.is_file():
             save_checkpoint(checkpoint, self._checkpoint_payload(server, store, history, per_client))
         self.memory = self.memory_per_client(store)

@@ -35,13 +35,24 @@ class StopRequest:
         self.signal = signum
 
     @property
+    def installed(self) -> bool:
+        """Whether the handlers are in place."""
+        return bool(self._previous)
+
+    @property
     def requested(self) -> bool:
         """Whether a stop signal arrived."""
         return self.signal is not None
 
 
+STOP = StopRequest()  # the process's one stop flag; cli.main installs it for the whole run
+
+
 def requeue_slurm_job() -> bool:
-    """``scontrol requeue $SLURM_JOB_ID`` when running under Slurm; True when the requeue was accepted."""
+    """``scontrol requeue $SLURM_JOB_ID`` when running under Slurm (from task 0 only; the others report True);
+    True when the requeue was accepted."""
+    if os.environ.get("SLURM_PROCID", "0") != "0":
+        return True
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
     job_id = (
         f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else

@@ -1,0 +1,40 @@
+"""The offline default on the pretrained shapes CLIP: the sanity gate and the papers' ordering under label skew.
+
+Builds (or reuses) the cached shapes-clip backbone: about 2 minutes the first time on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlit.config import load_config
+from fedlit.federation.experiment import prepare_job, run_experiment
+from fedlit.sanity import check_zero_shot, zero_shot_accuracy
+from tests.helpers import cache_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shapes_job():
+    cfg = load_config("configs/default.yaml", [f"backbone.cache_dir={cache_dir()}", "run.quiet=true"])
+    return cfg, prepare_job(cfg)
+
+
+def test_sanity_gate_passes_aligned_names_and_stops_permuted_ones(shapes_job):
+    _, (backbone, bundle, _, data) = shapes_job
+    aligned = zero_shot_accuracy(backbone, bundle.classnames, data.test_features, data.test_labels)
+    check_zero_shot(aligned, bundle.num_classes, bundle.name)  # well above chance: no error
+    permuted = [bundle.classnames[i] for i in torch.randperm(bundle.num_classes,
+                                                             generator=torch.Generator().manual_seed(0))]
+    shifted = zero_shot_accuracy(backbone, permuted, data.test_features, data.test_labels)
+    assert aligned > 0.25 and shifted < aligned / 3
+    with pytest.raises(ValueError, match="chance level for 32 classes: class names are probably misaligned"):
+        check_zero_shot(shifted, bundle.num_classes, bundle.name)
+
+
+def test_quickstart_shows_the_papers_ordering(tmp_path):
+    cfg = load_config("configs/default.yaml", [f"backbone.cache_dir={cache_dir()}", "run.quiet=true",
+                                               f"run.out_dir={tmp_path}", "algorithm=all"])
+    final = {r["algorithm"]: r["final"]["last_round"] for r in run_experiment(cfg)}
+    assert final["zeroshot"] < final["promptfl"] < final["pfedmoap"], final
