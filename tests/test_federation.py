@@ -87,3 +87,26 @@ def test_partial_participation_samples_the_same_clients_whatever_the_method(tmp_
     rows = list(csv.DictReader((only_run_dir(tmp_path) / "metrics.csv").open()))
     assert [int(r["clients"]) for r in rows] == [3, 3, 3]
     assert len(res["rounds"][-1]["accuracy"]) == 6
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_state_and_the_fused_gate(tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    calls = {"sdpa": 0, "bf16": 0}
+    original = F.scaled_dot_product_attention
+
+    def counting(q, *args, **kwargs):
+        if q.shape[-1] == 2:  # the gate's heads (d_gate 16 / 8 heads); the text tower's heads are 32 wide
+            calls["sdpa"] += 1
+            calls["bf16"] += q.dtype == torch.bfloat16
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    cfg = fast_config(tmp_path, "algorithm=pfedmoap", "fed.rounds=2", "trainer.precision=bf16-mixed")
+    [res] = run_experiment(cfg)
+    assert calls["sdpa"] > 0 and calls["bf16"] > 0  # the gate ran through the fused kernel, in bf16
+    ckpt = load_checkpoint(only_run_dir(tmp_path) / "checkpoint.pt")
+    assert ckpt["server"]["global_state"]["ctx"].dtype == torch.float32
+    for entry in ckpt["store"].values():
+        assert all(v.dtype == torch.float32 for v in entry["state"].values())
+    assert all(0.0 <= a <= 1.0 for a in res["rounds"][-1]["accuracy"])
