@@ -6,6 +6,7 @@ the same functions in the same order, so the server state stays replicated and i
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +55,7 @@ def client_rng(seed: int, round_index: int, client_id: int, purpose: int = 0) ->
     return np.random.default_rng([seed, round_index, client_id, purpose])
 
 
-class Algorithm:
+class Algorithm(abc.ABC):
     """Base class: a method that trains a prompt per client and (by default) averages nothing."""
 
     name = "base"
@@ -71,9 +72,9 @@ class Algorithm:
         return dict(prompt=cfg.prompt, optim=cfg.optim, epochs=cfg.fed.local_epochs, seed=cfg.seed,
                     cut=cfg.perf.cut_text)
 
+    @abc.abstractmethod
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
         """The process's one client module (its initial state is every client's initial state)."""
-        raise TypeError(f"{type(self).__name__} must define build_module")
 
     def init_server(self, module: ClientModule) -> ServerState:
         """Server state before round 1: the global prompt is the prompt initialisation."""
