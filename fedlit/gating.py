@@ -75,14 +75,19 @@ class AttentionGate(nn.Module):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             proj.reset_parameters()
 
+    def stacked_weights(self) -> dict[str, Tensor]:
+        """This gate's projections as a group of one: ``{"q_proj.weight": (1, d_g, d_g), "q_proj.bias": (1, d_g),
+        ...}`` (views of the parameters, so gradients reach them)."""
+        return {name: p.unsqueeze(0) for name, p in self.named_parameters()}
+
     def forward(self, image_features: Tensor, expert_text_features: Tensor) -> Tensor:
         """Mixed class embeddings ``T_moe`` of shape ``(C, B, d_gate)``.
 
         ``image_features``: ``(B, D)``, normalised. ``expert_text_features``: ``(E, C, D)``, normalised,
         expert 0 the local one (pass it undetached so the gradient reaches the local prompt).
         """
-        query, experts = self._gate_inputs(image_features, expert_text_features)
-        return self._attend(query, experts)
+        self._check_inputs(image_features, expert_text_features, grouped=False)
+        return self.group_forward(image_features.unsqueeze(0), expert_text_features.unsqueeze(0))[0]
 
     def moe_logits(
         self, image_features: Tensor, expert_text_features: Tensor, logit_scale: Tensor | float
@@ -91,50 +96,106 @@ class AttentionGate(nn.Module):
 
         ``logit_scale`` is the multiplier ``s`` itself, i.e. ``clip.logit_scale.exp()``.
         """
-        query, experts = self._gate_inputs(image_features, expert_text_features)
-        t_moe = self._attend(query, experts)
-        return logit_scale * torch.einsum("bd,cbd->bc", query.to(t_moe.dtype), t_moe)
+        self._check_inputs(image_features, expert_text_features, grouped=False)
+        return self.group_moe_logits(image_features.unsqueeze(0), expert_text_features.unsqueeze(0), logit_scale)[0]
 
-    def _gate_inputs(self, image_features: Tensor, expert_text_features: Tensor) -> tuple[Tensor, Tensor]:
-        if image_features.dim() != 2 or image_features.shape[-1] != self.feature_dim:
+    def group_forward(
+        self, image_features: Tensor, expert_text_features: Tensor, weights: dict[str, Tensor] | None = None
+    ) -> Tensor:
+        """``T_moe`` of ``G`` gates at once: ``(G, B, D)`` images and ``(G, E, C, D)`` experts -> ``(G, C, B, d_g)``.
+
+        ``weights``: the G gates' stacked projections (names as :meth:`stacked_weights`, each with a leading G);
+        None uses this module's own weights (G = 1).
+        """
+        self._check_inputs(image_features, expert_text_features, grouped=True)
+        weights = self.stacked_weights() if weights is None else weights
+        query, experts = downsample(image_features, self.d_gate), downsample(expert_text_features, self.d_gate)
+        return gate_attention(query, experts, weights, self.num_heads, self.scale, self.top_k)
+
+    def group_moe_logits(
+        self,
+        image_features: Tensor,
+        expert_text_features: Tensor,
+        logit_scale: Tensor | float,
+        weights: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """MoE logits of ``G`` gates at once: ``(G, B, D)`` images, ``(G, E, C, D)`` experts -> ``(G, B, C)``."""
+        t_moe = self.group_forward(image_features, expert_text_features, weights)
+        query = downsample(image_features, self.d_gate)
+        return logit_scale * torch.einsum("gbd,gcbd->gbc", query.to(t_moe.dtype), t_moe)
+
+    def _check_inputs(self, image_features: Tensor, expert_text_features: Tensor, grouped: bool) -> None:
+        lead, dims = ("G, ", 1) if grouped else ("", 0)
+        if image_features.dim() != 2 + dims or image_features.shape[-1] != self.feature_dim:
             raise ValueError(
-                f"image_features must be (B, {self.feature_dim}), got {tuple(image_features.shape)}"
+                f"image_features must be ({lead}B, {self.feature_dim}), got {tuple(image_features.shape)}"
             )
-        if expert_text_features.dim() != 3 or expert_text_features.shape[-1] != self.feature_dim:
+        if expert_text_features.dim() != 3 + dims or expert_text_features.shape[-1] != self.feature_dim:
             raise ValueError(
-                f"expert_text_features must be (E, C, {self.feature_dim}) with the local expert first, "
+                f"expert_text_features must be ({lead}E, C, {self.feature_dim}) with the local expert first, "
                 f"got {tuple(expert_text_features.shape)}"
             )
-        if expert_text_features.shape[0] == 0:
+        if expert_text_features.shape[dims] == 0:
             raise ValueError("expert_text_features has no experts; without experts use local logits only")
-        return downsample(image_features, self.d_gate), downsample(expert_text_features, self.d_gate)
+        if grouped and image_features.shape[0] != expert_text_features.shape[0]:
+            raise ValueError(
+                f"image_features and expert_text_features must share the group size G, got "
+                f"{image_features.shape[0]} and {expert_text_features.shape[0]}"
+            )
 
-    def _attend(self, query: Tensor, experts: Tensor) -> Tensor:
-        """``query`` (B, d_g), ``experts`` (E, C, d_g) -> (C, B, d_g)."""
-        num_experts, num_classes, _ = experts.shape
-        batch = query.shape[0]
-        heads, d_head = self.num_heads, self.d_gate // self.num_heads
-        # Heads as contiguous chunks of d_gate (nn.MultiheadAttention's layout): q (H, B, d_h),
-        # k and v (C, H, E, d_h); the classes form the batch axis, so one kernel covers all of them.
-        q = self.q_proj(query).view(batch, heads, d_head).transpose(0, 1)
-        k = self.k_proj(experts).view(num_experts, num_classes, heads, d_head).permute(1, 2, 0, 3)
-        v = self.v_proj(experts).view(num_experts, num_classes, heads, d_head).permute(1, 2, 0, 3)
-        if self.top_k is None or self.top_k >= num_experts:
-            q = q.unsqueeze(0).expand(num_classes, heads, batch, d_head)
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (C, H, B, d_h)
-        else:
-            out = self._attend_top_k(q, k, v)
-        out = out.permute(0, 2, 1, 3).reshape(num_classes, batch, self.d_gate)
-        return self.out_proj(out)
 
-    def _attend_top_k(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Switch-style routing: ``q`` (H, B, d_h), ``k``/``v`` (C, H, E, d_h) -> (C, H, B, d_h).
+def _linear(x: Tensor, weights: dict[str, Tensor], name: str) -> Tensor:
+    """``G`` linear layers at once: ``x`` (G, N, i), ``weights[name.weight]`` (G, o, i), ``[name.bias]`` (G, o)."""
+    return torch.baddbmm(weights[f"{name}.bias"].unsqueeze(1), x, weights[f"{name}.weight"].transpose(1, 2))
 
-        The kept experts keep their full-softmax probabilities, so the weights do not sum to one and the
-        gate still receives a gradient through them (a renormalised top-1 weight would be constant 1).
-        """
-        scores = self.scale * torch.einsum("hbd,ched->chbe", q, k)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        top = probs.topk(self.top_k, dim=-1).indices
-        weights = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
-        return torch.einsum("chbe,ched->chbd", weights.to(v.dtype), v)
+
+def gate_attention(
+    query: Tensor,
+    experts: Tensor,
+    weights: dict[str, Tensor],
+    num_heads: int,
+    scale: float,
+    top_k: int | None = None,
+) -> Tensor:
+    """The gate's functional core for ``G`` gates: ``query`` (G, B, d_g), ``experts`` (G, E, C, d_g) (already
+    down-sampled), ``weights`` the stacked projections (``"q_proj.weight"`` (G, d_g, d_g), ``"q_proj.bias"``
+    (G, d_g), same for ``k_proj``, ``v_proj``, ``out_proj``) -> ``T_moe`` (G, C, B, d_g).
+
+    :class:`AttentionGate` runs through here with G = 1, so a single gate and a group of gates share one
+    implementation. All G gates and C classes go through one attention call.
+    """
+    groups, num_experts, num_classes, d_gate = experts.shape
+    batch = query.shape[1]
+    d_head = d_gate // num_heads
+    # Heads as contiguous chunks of d_gate (nn.MultiheadAttention's layout). The classes form the batch axis and
+    # the (gate, head) pairs the head axis: q (G*H, B, d_h) is shared by every class, k and v are (C, G*H, E, d_h).
+    q = _linear(query, weights, "q_proj").view(groups, batch, num_heads, d_head).transpose(1, 2)
+    q = q.reshape(groups * num_heads, batch, d_head)
+    flat = experts.reshape(groups, num_experts * num_classes, d_gate)
+
+    def keys(name: str) -> Tensor:
+        out = _linear(flat, weights, name).view(groups, num_experts, num_classes, num_heads, d_head)
+        return out.permute(2, 0, 3, 1, 4).reshape(num_classes, groups * num_heads, num_experts, d_head)
+
+    k, v = keys("k_proj"), keys("v_proj")
+    if top_k is None or top_k >= num_experts:
+        q = q.unsqueeze(0).expand(num_classes, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (C, G*H, B, d_h)
+    else:
+        out = _attend_top_k(q, k, v, scale, top_k)
+    out = out.view(num_classes, groups, num_heads, batch, d_head).permute(1, 0, 3, 2, 4)
+    out = _linear(out.reshape(groups, num_classes * batch, d_gate), weights, "out_proj")
+    return out.view(groups, num_classes, batch, d_gate)
+
+
+def _attend_top_k(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int) -> Tensor:
+    """Switch-style routing: ``q`` (N, B, d_h), ``k``/``v`` (C, N, E, d_h) -> (C, N, B, d_h), N = gates x heads.
+
+    The kept experts keep their full-softmax probabilities, so the weights do not sum to one and the
+    gate still receives a gradient through them (a renormalised top-1 weight would be constant 1).
+    """
+    scores = scale * torch.einsum("nbd,cned->cnbe", q, k)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    top = probs.topk(top_k, dim=-1).indices
+    weights = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+    return torch.einsum("cnbe,cned->cnbd", weights.to(v.dtype), v)

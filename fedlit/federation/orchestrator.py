@@ -71,6 +71,14 @@ class Orchestrator:
         return self.fabric.autocast() if self.fabric is not None else torch.autocast("cpu", enabled=False)
 
     # -- local training -------------------------------------------------------------------------------------------
+    def client_batch(self) -> int:
+        """G, the clients trained together: ``perf.client_batch``, where 0 (auto) means one at a time on a CPU
+        (measured: no gain there, and 1 keeps results bitwise independent of the process layout) or with 16-bit
+        loss scaling, and as many as fit in memory on a GPU."""
+        if self.cfg.perf.client_batch == 0 and (self.device.type == "cpu" or self.cfg.trainer.precision == "16-mixed"):
+            return 1
+        return self.cfg.perf.client_batch
+
     def train_client(self, cid: int, plan: ClientPlan, round_index: int) -> dict[str, Tensor]:
         """Train client ``cid`` for ``local_epochs`` from ``plan``; returns its upload (state + stats)."""
         module = self.module
@@ -239,12 +247,12 @@ class Orchestrator:
                  for cid in sampled}
         assignment = assign_to_ranks(sampled, sizes, self.world)
         mine = assignment[self.rank] if self.visit_order == "sorted" else assignment[self.rank][::-1]
-        if cfg.perf.client_batch == 1:
+        if self.client_batch() == 1:
             local = {cid: self.train_client(cid, plans[cid], r) for cid in mine}
         else:
             from fedlit.federation.batched import train_clients_batched
 
-            local = train_clients_batched(self, {cid: plans[cid] for cid in mine}, r, cfg.perf.client_batch)
+            local = train_clients_batched(self, {cid: plans[cid] for cid in mine}, r, self.client_batch())
         uploads = gather_uploads(self.fabric, local, self._upload_layout(), max(len(a) for a in assignment))
         losses = [float(uploads[c][STAT + "loss"]) for c in sampled]
         states = {c: {k: v for k, v in uploads[c].items() if not k.startswith(STAT)} for c in sampled}

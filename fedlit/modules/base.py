@@ -50,8 +50,9 @@ class ClientModule(L.LightningModule):
         raise TypeError(f"{type(self).__name__} must define class_text_features")
 
     def logits_from(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        """Logits ``(B, C)`` from normalised image features ``(B, D)`` and class text features ``(C, D)``."""
-        return self.backbone.logit_scale * image_features @ text_features.t().to(image_features.dtype)
+        """Logits ``(B, C)`` from normalised image features ``(B, D)`` and class text features ``(C, D)`` (or
+        ``(G, B, C)`` from ``(G, B, D)`` and ``(G, C, D)``: G clients at once)."""
+        return self.backbone.logit_scale * image_features @ text_features.transpose(-1, -2).to(image_features.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.logits_from(self.image_features(x), self.class_text_features())
@@ -66,6 +67,30 @@ class ClientModule(L.LightningModule):
         loss = F.cross_entropy(logits.float(), labels)
         extra = self.regularizer()
         return loss if extra is None else loss + extra
+
+    # -- groups of clients (batched local training) ------------------------------------------------------------
+    def client_extras(self) -> dict[str, Tensor]:
+        """The client's tensors besides its parameters that its loss depends on (set by ``Algorithm.load``, e.g.
+        expert features or a FedProx centre); a batched trainer stacks them over a group. Empty by default."""
+        return {}
+
+    def group_logits(self, params: dict[str, Tensor], image_features: Tensor, extras: dict[str, Tensor]) -> Tensor:
+        """Logits ``(G, B, C)`` of G clients at once: ``params`` maps each name of :meth:`trainable_parameters` to
+        the G clients' stacked values ``(G, *shape)``, ``image_features`` is ``(G, B, D)`` (padded), ``extras``
+        maps each name of :meth:`client_extras` to stacked values ``(G, ...)``."""
+        raise TypeError(f"{type(self).__name__} cannot train clients in groups; set perf.client_batch=1")
+
+    def group_regularizer(self, params: dict[str, Tensor], extras: dict[str, Tensor]) -> Tensor | None:
+        """Each client's extra loss term ``(G,)`` (the group version of :meth:`regularizer`); None by default."""
+        return None
+
+    def group_loss(self, logits: Tensor, labels: Tensor, sizes: list[int], params: dict[str, Tensor],
+                   extras: dict[str, Tensor]) -> Tensor:
+        """Each client's training loss ``(G,)`` as :meth:`loss` computes it: the cross-entropy over its own rows of
+        ``logits (G, B, C)`` (client g's first ``sizes[g]`` rows; the rest is padding) plus its regularizer."""
+        ce = torch.stack([F.cross_entropy(logits[g, :n].float(), labels[g, :n]) for g, n in enumerate(sizes)])
+        extra = self.group_regularizer(params, extras)
+        return ce if extra is None else ce + extra
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

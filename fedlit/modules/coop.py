@@ -10,6 +10,8 @@ from fedlit.config import PromptConfig
 from fedlit.modules.base import ClientModule
 from fedlit.prompts import PromptLearner
 
+CTX = "prompt_learner.ctx"
+
 
 class CoOpClient(ClientModule):
     """Logits ``s * I T_L^T`` with ``T_L`` the text features of the learnable prompt.
@@ -37,9 +39,24 @@ class CoOpClient(ClientModule):
         self.prox_center = torch.empty(0) if ctx is None else ctx.detach().clone().to(self.prompt_learner.ctx)
 
     def regularizer(self) -> Tensor | None:
-        if self.prox_mu <= 0 or self.prox_center.numel() == 0:
+        extra = self.group_regularizer({CTX: self.prompt_learner.ctx.unsqueeze(0)},
+                                       {"prox_center": self.prox_center.unsqueeze(0)})
+        return None if extra is None else extra[0]
+
+    def client_extras(self) -> dict[str, Tensor]:
+        """The FedProx centre (empty when none is set)."""
+        return {"prox_center": self.prox_center}
+
+    def group_logits(self, params: dict[str, Tensor], image_features: Tensor, extras: dict[str, Tensor]) -> Tensor:
+        """Local logits ``(G, B, C)`` of G stacked contexts: one text-tower pass over all ``G x C`` prompts."""
+        return self.logits_from(image_features, self.prompt_learner.text_features(self.backbone, params[CTX]))
+
+    def group_regularizer(self, params: dict[str, Tensor], extras: dict[str, Tensor]) -> Tensor | None:
+        """FedProx's ``mu/2 ||ctx_g - centre_g||^2`` per client ``(G,)``; None without a centre or with mu = 0."""
+        centre = extras["prox_center"]
+        if self.prox_mu <= 0 or centre.numel() == 0:
             return None
-        return 0.5 * self.prox_mu * (self.prompt_learner.ctx - self.prox_center).pow(2).sum()
+        return 0.5 * self.prox_mu * (params[CTX] - centre).pow(2).flatten(1).sum(-1)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [self.prompt_learner.ctx], "lr": self.optim.prompt_lr, "schedule": "cosine"}]

@@ -8,7 +8,9 @@ from torch import Tensor
 from fedlit.backbone import Backbone
 from fedlit.config import GateConfig
 from fedlit.gating import AttentionGate
-from fedlit.modules.coop import CoOpClient
+from fedlit.modules.coop import CTX, CoOpClient
+
+GATE = "gate."
 
 
 class PFedMoAPClient(CoOpClient):
@@ -46,11 +48,32 @@ class PFedMoAPClient(CoOpClient):
         self.expert_features = torch.empty(0) if features is None else features.detach()
 
     def logits_from(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        return self._mixture(image_features, text_features, self.expert_features)
+
+    def client_extras(self) -> dict[str, Tensor]:
+        """The FedProx centre and the loaded expert text features ``(K, C, D)`` (empty when K = 0)."""
+        return {**super().client_extras(), "expert_features": self.expert_features}
+
+    def group_logits(self, params: dict[str, Tensor], image_features: Tensor, extras: dict[str, Tensor]) -> Tensor:
+        """Logits ``(G, B, C)`` of G clients sharing K: stacked contexts through one text-tower pass, stacked gate
+        weights and expert features ``(G, K, C, D)`` through one gate call (local logits alone when K = 0)."""
+        text = self.prompt_learner.text_features(self.backbone, params[CTX])
+        gate = {name[len(GATE):]: p for name, p in params.items() if name.startswith(GATE)}
+        return self._mixture(image_features, text, extras["expert_features"], gate)
+
+    def _mixture(self, image_features: Tensor, text_features: Tensor, expert_features: Tensor,
+                 gate_weights: dict[str, Tensor] | None = None) -> Tensor:
+        """``lam * local + moe`` for one client (``(B, D)``, ``(C, D)``, ``(K, C, D)``; this module's gate) or for a
+        group (a leading G everywhere and the G stacked gates' ``gate_weights``); local logits alone when K = 0."""
         local = super().logits_from(image_features, text_features)
-        if not self.num_loaded_experts:
+        if expert_features.numel() == 0:
             return local
-        experts = torch.cat([text_features.unsqueeze(0), self.expert_features.to(text_features)], dim=0)
-        moe = self.gate.moe_logits(image_features, experts, self.backbone.logit_scale)
+        experts = torch.cat([text_features.unsqueeze(-3), expert_features.to(text_features)], dim=-3)
+        scale = self.backbone.logit_scale
+        if gate_weights is None:
+            moe = self.gate.moe_logits(image_features, experts, scale)
+        else:
+            moe = self.gate.group_moe_logits(image_features, experts, scale, gate_weights)
         return self.lam * local + moe
 
     def param_groups(self) -> list[dict]:
