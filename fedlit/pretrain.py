@@ -51,7 +51,7 @@ class ShapesClipRecipe:
     embed_dim: int = 128
     patch_size: int = 4
     vision_width: int = 128
-    vision_layers: int = 4
+    vision_layers: int = 3
     vision_head_width: int = 32
     text_width: int = 128
     text_heads: int = 4
