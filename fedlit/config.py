@@ -60,6 +60,7 @@ class DataConfig:
     min_size: int = 10  # dirichlet/domain: minimum train and test samples per client
     train_per_class: int = 64  # shapes only: generated train images per class
     test_per_class: int = 32  # shapes only: generated test images per class
+    shapes_brightness: float = 1.0  # shapes only: < 1 darkens the images (a domain shift from the pretraining data)
     batch_size: int = 32
     num_workers: int = 0
 

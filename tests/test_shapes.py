@@ -244,3 +244,14 @@ def test_default_recipe_zero_shot_well_above_chance():
     images = normalize_images(generate_shapes(labels, SHAPES_TEST_SEED))  # never seen in pretraining
     accuracy = zero_shot_accuracy(model, images, labels, SHAPES_CLASSNAMES)
     assert accuracy >= 0.30, f"zero-shot {accuracy:.3f} on 32 classes (chance 0.031)"
+
+
+def test_shapes_brightness_darkens_every_image_and_keys_the_transform():
+    pre = Preprocess(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    plain = build_shapes(DataConfig(train_per_class=2, test_per_class=1), pre)
+    dark = build_shapes(DataConfig(train_per_class=2, test_per_class=1, shapes_brightness=0.5), pre)
+    assert torch.equal(dark.train.images, plain.train.images * 0.5)
+    assert torch.equal(dark.test.images, plain.test.images * 0.5)
+    assert dark.transform_id != plain.transform_id
+    with pytest.raises(ValueError, match="shapes_brightness must be in"):
+        build_shapes(DataConfig(shapes_brightness=0.0), pre)

@@ -134,14 +134,16 @@ class ShapesImages(LabeledImages):
         return self.images[index]
 
 
-def _split(per_class: int, seed: int, transform) -> ShapesImages:
+def _split(per_class: int, seed: int, transform, brightness: float = 1.0) -> ShapesImages:
     labels = torch.arange(len(SHAPES_CLASSNAMES)).repeat_interleave(per_class)
-    return ShapesImages(generate_shapes(labels, seed), labels, transform)
+    return ShapesImages((generate_shapes(labels, seed) * brightness).clamp(0, 1), labels, transform)
 
 
 def build_shapes(cfg: DataConfig, preprocess: Preprocess) -> DatasetBundle:
     """The shapes dataset: ``cfg.train_per_class`` train and ``cfg.test_per_class`` test images per class,
     from fixed seeds (independent of the run seed), normalised (and resized) as ``preprocess`` asks."""
+    if not 0.0 < cfg.shapes_brightness <= 1.0:
+        raise ValueError(f"data.shapes_brightness must be in (0, 1] (got {cfg.shapes_brightness})")
     if cfg.train_per_class < 1 or cfg.test_per_class < 1:
         raise ValueError(f"data.train_per_class and data.test_per_class must be >= 1 "
                          f"(got {cfg.train_per_class}, {cfg.test_per_class})")
@@ -152,12 +154,13 @@ def build_shapes(cfg: DataConfig, preprocess: Preprocess) -> DatasetBundle:
     steps.append(transforms.Normalize(preprocess.mean, preprocess.std))
     transform = transforms.Compose(steps)
     transform_id = (f"shapes-v{GENERATOR_VERSION}-{SHAPES_NATIVE_SIZE}px-resize{preprocess.image_size}"
-                    f"-{preprocess.interpolation}-mean{list(preprocess.mean)}-std{list(preprocess.std)}")
+                    f"-{preprocess.interpolation}-mean{list(preprocess.mean)}-std{list(preprocess.std)}"
+                    f"-brightness{cfg.shapes_brightness}")
     return DatasetBundle(
         name="shapes",
         classnames=list(SHAPES_CLASSNAMES),
-        train=_split(cfg.train_per_class, SHAPES_TRAIN_SEED, transform),
-        test=_split(cfg.test_per_class, SHAPES_TEST_SEED, transform),
+        train=_split(cfg.train_per_class, SHAPES_TRAIN_SEED, transform, cfg.shapes_brightness),
+        test=_split(cfg.test_per_class, SHAPES_TEST_SEED, transform, cfg.shapes_brightness),
         transform_id=transform_id,
         augmented=False,
     )
