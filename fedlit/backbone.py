@@ -88,19 +88,7 @@ class Backbone(nn.Module):
         sliced to it. Runs with grad so that a learnable context receives gradients.
         """
         lead = embeddings.shape[:-2]
-        x = embeddings.reshape(-1, *embeddings.shape[-2:])
-        eot = eot_index.reshape(-1).to(x.device)
-        length = x.shape[1]
-        m = self.model
-        cast_dtype = m.transformer.get_cast_dtype()
-        x = x.to(cast_dtype) + m.positional_embedding[:length].to(cast_dtype)
-        mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
-        x = m.transformer(x, attn_mask=mask)
-        x = m.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
-        proj = m.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        x = text_tower(self.model, embeddings.reshape(-1, *embeddings.shape[-2:]), eot_index.reshape(-1))
         x = F.normalize(x, dim=-1) if normalize else x
         return x.reshape(*lead, x.shape[-1])
 
@@ -111,6 +99,21 @@ class Backbone(nn.Module):
         eot = tokens.argmax(dim=-1)
         length = self.sequence_length(eot)
         return self.encode_prompts(self.token_embeddings(tokens[:, :length]), eot)
+
+
+def text_tower(model: nn.Module, embeddings: Tensor, eot_index: Tensor) -> Tensor:
+    """Unnormalised text features ``(N, D)`` of an open_clip CLIP for token embeddings ``(N, L, W)`` (``L`` up to
+    the context length; positional embeddings and the causal mask are sliced to it), pooled at ``eot_index (N,)``."""
+    length = embeddings.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+    x = model.ln_final(model.transformer(x, attn_mask=mask))
+    x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return x
 
 
 def _preprocess_of(model: nn.Module) -> Preprocess:
