@@ -189,7 +189,7 @@ SMALL = ["backbone.name=tiny", "gate.d_gate=16", "data.num_clients=4", "method.n
          "data.train_per_class=8", "data.test_per_class=4", "algorithm=pfedmoap"]
 TINY = SMALL + ["fed.rounds=2", "fed.local_epochs=1"]
 # Enough rounds that a stop signal sent after the first checkpoint lands while the job is still training.
-REQUEUE_ROUNDS = 12
+REQUEUE_ROUNDS = 30
 LONG = SMALL + [f"fed.rounds={REQUEUE_ROUNDS}", "fed.local_epochs=2"]
 
 
