@@ -18,6 +18,8 @@ from tests.helpers import FAST, ROOT, cache_dir, only_run_dir, read_results, tra
 
 pytestmark = pytest.mark.multiprocess
 
+LONG_ROUNDS = 16  # interrupted runs: enough rounds that the signal always lands while the run still trains
+
 JOB = FAST + [f"backbone.cache_dir={cache_dir()}", "algorithm=pfedmoap", "data.num_clients=5", "fed.frac=0.6",
               "fed.rounds=3", "method.num_experts=3", "optim.persistent_state=true"]
 
@@ -41,8 +43,8 @@ def test_one_and_two_processes_give_bitwise_identical_results(tmp_path):
 
 def _start(out_dir, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, str(ROOT / "experiments" / "train.py"), *JOB, "fed.rounds=6", f"run.out_dir={out_dir}",
-            *extra]
+    args = [sys.executable, str(ROOT / "experiments" / "train.py"), *JOB, f"fed.rounds={LONG_ROUNDS}",
+            f"run.out_dir={out_dir}", *extra]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -62,15 +64,15 @@ def _wait_for_round(out_dir, target, proc, timeout=120):
 
 
 def test_sigkill_mid_run_then_resume_ends_with_identical_results(tmp_path):
-    reference = train_cli(*JOB, "fed.rounds=6", f"run.out_dir={tmp_path / 'ref'}")
+    reference = train_cli(*JOB, f"fed.rounds={LONG_ROUNDS}", f"run.out_dir={tmp_path / 'ref'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
     proc = _start(tmp_path / "cut")
     _wait_for_round(tmp_path / "cut", 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     cut_dir = only_run_dir(tmp_path / "cut")
-    assert load_checkpoint(cut_dir / "checkpoint.pt")["server"]["round"] < 6
-    resumed = train_cli(*JOB, "fed.rounds=6", f"run.out_dir={tmp_path / 'cut'}", "run.resume=auto",
+    assert load_checkpoint(cut_dir / "checkpoint.pt")["server"]["round"] < LONG_ROUNDS
+    resumed = train_cli(*JOB, f"fed.rounds={LONG_ROUNDS}", f"run.out_dir={tmp_path / 'cut'}", "run.resume=auto",
                         "run.quiet=false")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after round" in resumed.stdout
@@ -87,11 +89,11 @@ def test_sigusr1_stops_at_a_round_boundary_and_resume_finishes(tmp_path):
     assert "resume with run.resume=auto" in err
     run_dir = only_run_dir(tmp_path)
     stopped_at = load_checkpoint(run_dir / "checkpoint.pt")["server"]["round"]
-    assert 1 <= stopped_at < 6
+    assert 1 <= stopped_at < LONG_ROUNDS
     assert len(read_results(run_dir)["rounds"]) == stopped_at
-    resumed = train_cli(*JOB, "fed.rounds=6", f"run.out_dir={tmp_path}", "run.resume=auto")
+    resumed = train_cli(*JOB, f"fed.rounds={LONG_ROUNDS}", f"run.out_dir={tmp_path}", "run.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["round"] for r in read_results(run_dir)["rounds"]] == [1, 2, 3, 4, 5, 6]
+    assert [r["round"] for r in read_results(run_dir)["rounds"]] == list(range(1, LONG_ROUNDS + 1))
 
 
 def test_a_checkpoint_from_another_configuration_is_refused(tmp_path):
