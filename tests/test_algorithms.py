@@ -99,3 +99,12 @@ def test_coop_local_continues_its_own_prompt_and_never_aggregates():
     new = algo.aggregate(server, {0: own}, {0: 5})
     assert torch.equal(new.global_state["ctx"], torch.ones(1, 2))
     assert algo.global_plan(server, initial) is None
+
+
+def test_expert_feature_cache_keeps_only_current_pool_prompts():
+    algo = build_algorithm(_cfg("algorithm=pfedmoap"))
+    algo._expert_features = {(0, 1): torch.zeros(1), (0, 2): torch.zeros(1), (1, 2): torch.zeros(1)}
+    server = ServerState(global_state={"ctx": torch.zeros(1, 2)}, round=2,
+                         pool={0: {"ctx": torch.zeros(1, 2), "round": 2}, 1: {"ctx": torch.ones(1, 2), "round": 2}})
+    algo.plan(server, 0, None, {"prompt_learner.ctx": torch.zeros(1, 2)})
+    assert set(algo._expert_features) == {(0, 2), (1, 2)}

@@ -63,6 +63,7 @@ class PFedMoAP(Algorithm):
 
     def plan(self, server: ServerState, client_id: int, own: State | None, initial: State) -> ClientPlan:
         plan = super().plan(server, client_id, own, initial)
+        self._prune_expert_features(server)
         if self.cfg.method.aggregate_gate:
             plan.start.update({k: v.clone() for k, v in server.global_state.items() if k.startswith(GATE_PREFIX)})
         if client_id not in server.pool or self.num_nonlocal == 0:
@@ -90,9 +91,12 @@ class PFedMoAP(Algorithm):
             feats.append(self._expert_features[key])
         module.set_expert_features(torch.stack(feats))
 
-    def forget_expert_features(self) -> None:
-        """Drop the per-process expert feature cache (e.g. when the backbone changes)."""
-        self._expert_features.clear()
+    def _prune_expert_features(self, server: ServerState) -> None:
+        """Keep only the features of prompts still in the pool: the cache stays at most one entry per client
+        (an evaluated client whose experts have since been replaced recomputes them)."""
+        current = {(i, entry["round"]) for i, entry in server.pool.items()}
+        for key in [k for k in self._expert_features if k not in current]:
+            del self._expert_features[key]
 
     def aggregate(self, server: ServerState, uploads: dict[int, State], sizes: dict[int, int]) -> ServerState:
         new = super().aggregate(server, uploads, sizes)
