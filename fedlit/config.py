@@ -12,11 +12,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from fedlit.errors import UserError
+
 ALGORITHMS = ("zeroshot", "coop_local", "promptfl", "fedprox", "pfedmoap")
 PARTITIONS = ("iid", "dirichlet", "pathological", "domain")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem, reported to the user as one line (exit code 2 from the CLI)."""
 
 
