@@ -1,14 +1,33 @@
 """Typed configuration: dataclass defaults, OmegaConf merging of YAML files and ``key=value`` overrides,
-and validation that turns every bad input into one :class:`ConfigError` line.
+and validation that turns every bad input into one :class:`ConfigError` line before anything is written.
+
+:func:`validate` checks every key: numbers (type, finite, range), choices, the zero-shot template, names and
+paths. The rules for names and paths:
+
+- ``run.name`` is one plain directory name of at most 100 characters: ASCII letters, digits and ``. _ - + = , @``,
+  starting with a letter, digit or ``_``. So it is never empty, ``.``, ``..``, hidden, absolute or nested, and
+  every output (``run.out_dir/run.name/<timestamp>/...``) stays inside ``run.out_dir``. Sub-folders are refused
+  rather than allowed because ``run.resume=auto`` takes the newest folder directly under ``run.out_dir/run.name``,
+  where a nested run's folder would be mistaken for a run.
+- ``run.out_dir`` (and ``data.root`` when ``data.download=true``) must be a directory or creatable: the nearest
+  existing ancestor must be a writable directory. Nothing is created by the check.
+- ``run.resume`` is null, ``auto``, or an existing writable fedlit run directory (it holds ``config.yaml`` or
+  ``checkpoint.pt``); a resumed run keeps writing there.
+- ``backbone.pretrained`` that names a file (as :mod:`fedlit.backbone` decides: a path or a weights suffix, or any
+  value for the random ``tiny`` backbone) must exist.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, fields, is_dataclass
+import math
+import os
+import re
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -16,6 +35,26 @@ from fedlit.errors import UserError
 
 ALGORITHMS = ("zeroshot", "coop_local", "promptfl", "fedprox", "pfedmoap")
 PARTITIONS = ("iid", "dirichlet", "pathological", "domain")
+# The names of fedlit.data.registry.DATASET_NAMES (a test keeps them equal; importing it here would pull in torch).
+DATASETS = ("shapes", "cifar10", "cifar100", "caltech101", "oxford_pets", "flowers102", "food101", "dtd",
+            "domainnet", "office_caltech10")
+DOMAIN_DATASETS = ("domainnet", "office_caltech10")
+CLASS_POSITIONS = ("end", "front", "middle")
+SELECTIONS = ("knn", "random")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+# Lightning's precision strings and their short aliases; transformer-engine needs a package fedlit does not use.
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64")
+# fedlit calls Fabric.launch() without a function and never wraps models: spawn, FSDP and DeepSpeed do not apply.
+STRATEGIES = ("auto", "ddp")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")  # as fedlit.backbone: pretrained is a file
+LOCAL_BACKBONES = ("tiny",)  # backbones whose pretrained value can only be a weights file
+MAX_INT = 2**31 - 1  # integer keys above this only overflow C code (numpy, torch) further down
+MAX_SEED = 2**32 - 1
+MAX_NAME_LENGTH = 100
+NAME_MAX_BYTES = 255  # one path component (Linux NAME_MAX)
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,@-]*")
+RESUME_MARKERS = ("config.yaml", "checkpoint.pt")
+BOOLEAN_WORDS = ("", "false", "true", "none", "null")
 
 
 class ConfigError(UserError):
@@ -143,12 +182,20 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for f in fields(cls):
         name = f"{prefix}{f.name}"
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        if is_dataclass(default):
-            keys.extend(_all_keys(type(default), name + "."))
+        section = _section_type(f)
+        if section is not None:
+            keys.extend(_all_keys(section, name + "."))
         else:
             keys.append(name)
     return keys
+
+
+def _section_type(f: Any) -> type | None:
+    """The dataclass of a section field, None for a leaf key."""
+    if f.default_factory is MISSING:
+        return None
+    default = f.default_factory()
+    return type(default) if is_dataclass(default) else None
 
 
 def valid_keys() -> list[str]:
@@ -165,41 +212,116 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown config key '{key}'{hint}"
 
 
+def _section_message(origin: str, key: str, section: type, value: Any) -> str:
+    first = fields(section)[0].name
+    got = "" if value is ... else f" (got {value!r})"
+    return (f"{origin}'{key}' is a section, not a value{got}; set its keys instead, e.g. {key}.{first}="
+            f"{getattr(section(), first)!r}")
+
+
 def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
     except ConfigKeyError as err:
         raise ConfigError(_unknown_key_message(str(err.full_key))) from None
     except ValidationError as err:
-        raise ConfigError(f"{origin}: bad value for '{err.full_key}': {err.msg.splitlines()[0]}") from None
+        raise ConfigError(f"{origin}: bad value for '{err.full_key}': {_first_line(err.msg)}") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{origin}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{origin}: {_first_line(err)}") from None
+
+
+def _first_line(err: Any) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: the problem and where it is."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or _first_line(err)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+def _read_yaml(path: Path) -> dict:
+    """The mapping of a YAML config file, interpolations unresolved; ConfigError for anything else."""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file is not a regular file: {path}")
+    not_a_mapping = f"{path}: expected a mapping of config keys at the top level (e.g. 'fed:' then '  rounds: 5')"
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse {path}: {_yaml_problem(err)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot parse {path}: not UTF-8 text") from None
+    except OSError as err:
+        if "Invalid loaded object type" in str(err):  # OmegaConf's word for a YAML scalar
+            raise ConfigError(f"{not_a_mapping}, got a scalar") from None
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or _first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - OmegaConf re-parses a top-level string in many ways
+        raise ConfigError(f"cannot parse {path}: {_first_line(err)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{not_a_mapping}, got a list")
+    return _check_sections(OmegaConf.to_container(loaded, resolve=False), Config, "", f"{path}: ")  # type: ignore
+
+
+def _check_sections(data: dict, cls: type, prefix: str, origin: str) -> dict:
+    """``data`` with its keys checked against the dataclass ``cls``: unknown keys and scalars or lists where a
+    section belongs are ConfigErrors; an empty section (``fed:`` with nothing below) is dropped."""
+    by_name = {f.name: f for f in fields(cls)}
+    out = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in by_name:
+            raise ConfigError(origin + _unknown_key_message(full))
+        section = _section_type(by_name[key])
+        if section is None:
+            out[key] = value
+        elif value is None:
+            continue
+        elif not isinstance(value, dict):
+            raise ConfigError(_section_message(origin, full, section, value))
+        else:
+            out[key] = _check_sections(value, section, full + ".", origin)
+    return out
+
+
+def _parse_override(item: str) -> DictConfig:
+    """One ``key=value`` override as a DictConfig; ConfigError for a malformed item or an unknown key."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key = item.split("=", 1)[0]
+    sections = {f.name: _section_type(f) for f in fields(Config)}
+    if sections.get(key) is not None:
+        raise ConfigError(_section_message("override: ", key, sections[key], ...))
+    if key not in valid_keys():
+        raise ConfigError(_unknown_key_message(key))
+    try:
+        return OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override '{item}': {_first_line(err)}") from None
+
+
+def _to_object(merged: DictConfig) -> Config:
+    """The typed Config of ``merged`` with every ``${...}`` interpolation resolved; ConfigError if one fails."""
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        where = f"'{key}'" if key else "the config"
+        raise ConfigError(f"cannot resolve {where}: {_first_line(err)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Typed defaults, then the YAML file ``path`` (if any), then ``key=value`` overrides; validated."""
+    """Typed defaults, then the YAML file ``path`` (if any), then ``key=value`` overrides; interpolations
+    resolved, then validated. Every problem is a one-line :class:`ConfigError`."""
     merged: DictConfig = OmegaConf.structured(Config)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:  # noqa: BLE001 - YAML syntax errors of many kinds
-            raise ConfigError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
-        merged = _merge(merged, loaded, str(path))
+        merged = _merge(merged, _read_yaml(Path(path)), str(path))
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key = item.split("=", 1)[0]
-        if key not in valid_keys():
-            raise ConfigError(_unknown_key_message(key))
-        try:
-            dotlist = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from None
-        merged = _merge(merged, dotlist, "override")
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        merged = _merge(merged, _parse_override(item), "override")
+    cfg = _to_object(merged)
     validate(cfg)
     return cfg
 
@@ -219,34 +341,235 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError for impossible values or combinations."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(obj: Any, prefix: str = "") -> None:
+    """Every leaf of a (possibly hand-built) Config has its annotated type; strings hold no NUL character."""
+    for f in fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if _section_type(f) is not None:
+            _check(is_dataclass(value), f"{key} must be a section (got {value!r})")
+            _check_types(value, key + ".")
+            continue
+        kinds = str(f.type).replace(" ", "").split("|")
+        if value is None:
+            _check("None" in kinds, f"{key} must not be null")
+        elif isinstance(value, bool):
+            _check("bool" in kinds, f"{key} must be {' or '.join(kinds)}, not a boolean (got {value!r})")
+        elif isinstance(value, int):
+            _check("int" in kinds or "float" in kinds, f"{key} must be {' or '.join(kinds)} (got {value!r})")
+        elif isinstance(value, float):
+            _check("float" in kinds, f"{key} must be {' or '.join(kinds)} (got {value!r})")
+        elif isinstance(value, str):
+            _check("str" in kinds, f"{key} must be {' or '.join(kinds)} (got {value!r})")
+            _check("\x00" not in value, f"{key} contains a NUL character (got {value!r})")
+        else:
+            raise ConfigError(f"{key} must be {' or '.join(kinds)} (got {value!r})")
+
+
+def _integer(key: str, value: int, low: int, high: int = MAX_INT) -> None:
+    """``low <= value <= high`` for an integer key."""
+    _check(value >= low, f"{key} must be >= {low} (got {value})")
+    _check(value <= high, f"{key} must be <= {high} (got {value})")
+
+
+def _number(key: str, value: float, low: float | None = None, high: float | None = None,
+            open_low: bool = False, open_high: bool = False) -> None:
+    """A finite number within ``[low, high]`` (either end open on request, either end absent)."""
+    _check(_is_number(value) and math.isfinite(value), f"{key} must be a finite number (got {value!r})")
+    above = low is None or (value > low if open_low else value >= low)
+    below = high is None or (value < high if open_high else value <= high)
+    if low is not None and high is not None:
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        _check(above and below, f"{key} must be in {interval} (got {value})")
+    elif low is not None:
+        _check(above, f"{key} must be {'>' if open_low else '>='} {low} (got {value})")
+    elif high is not None:
+        _check(below, f"{key} must be {'<' if open_high else '<='} {high} (got {value})")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _nonempty(key: str, value: str) -> None:
+    _check(value.strip() != "", f"{key} must not be empty")
+
+
+def _expand(key: str, value: str) -> Path:
+    """``value`` with ``~`` expanded; ConfigError for ``~user`` of an unknown user (pathlib would raise later)."""
+    expanded = os.path.expanduser(value)
+    _check(not expanded.startswith("~"), f"{key}={value!r}: cannot expand {value.split('/', 1)[0]!r} (no such user)")
+    return Path(expanded)
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` (absolute) or its nearest ancestor that exists (a dangling symlink counts as existing)."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_creatable_dir(key: str, value: str) -> None:
+    """``value`` is a writable directory or can be created as one; checked without creating anything."""
+    _nonempty(key, value)
+    path = Path(os.path.abspath(_expand(key, value)))
+    existing = _nearest_existing(path)
+    if existing == path:
+        _check(path.is_dir(), f"{key}={value!r} exists and is not a directory")
+    else:
+        _check(existing.is_dir(), f"{key}={value!r} cannot be created: {existing} is not a directory")
+        too_long = [p.name for p in [path, *path.parents] if len(p.name.encode()) > NAME_MAX_BYTES]
+        _check(not too_long, f"{key}={value!r} cannot be created: a path component is longer than "
+                             f"{NAME_MAX_BYTES} bytes")
+    _check(os.access(existing, os.W_OK | os.X_OK), f"{key}={value!r} is not writable (no write permission on "
+                                                   f"{existing})")
+
+
+def _looks_like_file(backbone: str, pretrained: str) -> bool:
+    """Whether ``pretrained`` names a weights file rather than an open_clip tag (fedlit.backbone's rule)."""
+    return (backbone in LOCAL_BACKBONES or pretrained.endswith(WEIGHT_SUFFIXES) or "/" in pretrained
+            or os.sep in pretrained or pretrained.startswith(("~", ".")))
+
+
+def _check_top(cfg: Config) -> None:
     _check(cfg.algorithm in ALGORITHMS + ("all",),
-           f"unknown algorithm '{cfg.algorithm}'; choose one of {', '.join(ALGORITHMS)} or all")
-    _check(cfg.data.partition in PARTITIONS,
-           f"unknown data.partition '{cfg.data.partition}'; choose one of {', '.join(PARTITIONS)}")
-    _check(cfg.prompt.n_ctx >= 1, f"prompt.n_ctx must be >= 1 (got {cfg.prompt.n_ctx})")
-    _check(cfg.prompt.class_position in ("end", "front", "middle"),
-           f"prompt.class_position must be end, front or middle (got '{cfg.prompt.class_position}')")
-    _check(cfg.data.num_clients >= 1, f"data.num_clients must be >= 1 (got {cfg.data.num_clients})")
-    _check(0.0 < cfg.fed.frac <= 1.0, f"fed.frac must be in (0, 1] (got {cfg.fed.frac})")
-    _check(cfg.fed.rounds >= 1, f"fed.rounds must be >= 1 (got {cfg.fed.rounds})")
-    _check(cfg.fed.local_epochs >= 1, f"fed.local_epochs must be >= 1 (got {cfg.fed.local_epochs})")
-    _check(cfg.fed.eval_every >= 1, f"fed.eval_every must be >= 1 (got {cfg.fed.eval_every})")
-    _check(cfg.data.batch_size >= 1, f"data.batch_size must be >= 1 (got {cfg.data.batch_size})")
-    _check(cfg.data.shots is None or cfg.data.shots >= 1, f"data.shots must be >= 1 (got {cfg.data.shots})")
-    _check(cfg.method.num_experts >= 1, f"method.num_experts must be >= 1 (got {cfg.method.num_experts})")
+           f"unknown algorithm {cfg.algorithm!r}; choose one of {', '.join(ALGORITHMS)} or all")
+    _integer("seed", cfg.seed, 0, MAX_SEED)
+
+
+def _check_backbone(b: BackboneConfig) -> None:
+    _nonempty("backbone.name", b.name)
+    _nonempty("backbone.cache_dir", b.cache_dir)
+    cache = _expand("backbone.cache_dir", b.cache_dir)
+    _check(not cache.exists() or cache.is_dir(), f"backbone.cache_dir={b.cache_dir!r} exists and is not a directory")
+    if b.pretrained is None:
+        return
+    _check(b.pretrained.strip() != "", "backbone.pretrained must be null, an open_clip tag or a weights file "
+                                       "(got '')")
+    if _looks_like_file(b.name, b.pretrained):
+        file = _expand("backbone.pretrained", b.pretrained)
+        _check(file.is_file(), f"backbone weights file not found: {file} (set backbone.pretrained to an existing "
+                               "file, an open_clip tag or null)")
+
+
+def _check_prompt(p: PromptConfig) -> None:
+    _integer("prompt.n_ctx", p.n_ctx, 1)
+    if p.ctx_init is not None:
+        _check(p.ctx_init.replace("_", " ").strip().lower() not in BOOLEAN_WORDS,
+               f"prompt.ctx_init={p.ctx_init!r} looks like a boolean or is empty; use null for a random context or "
+               "words such as 'a photo of a'")
+    _check(p.class_position in CLASS_POSITIONS,
+           f"prompt.class_position must be end, front or middle (got {p.class_position!r})")
+    _number("prompt.init_std", p.init_std, 0.0)
+
+
+def _check_gate(g: GateConfig, cfg: Config) -> None:
+    _integer("gate.d_gate", g.d_gate, 1)
+    _integer("gate.num_heads", g.num_heads, 1)
+    _check(g.d_gate % g.num_heads == 0,
+           f"gate.d_gate={g.d_gate} must be divisible by gate.num_heads={g.num_heads}")
+    _number("gate.scale", g.scale, 0.0, open_low=True)
+    if g.top_k is not None:
+        _integer("gate.top_k", g.top_k, 1)
+        if cfg.algorithm == "pfedmoap":
+            _check(g.top_k <= cfg.method.num_experts,
+                   f"gate.top_k={g.top_k} exceeds method.num_experts={cfg.method.num_experts}; use null for all")
+
+
+def _check_data(d: DataConfig) -> None:
+    _choice("data.name", d.name, DATASETS)
+    _nonempty("data.root", d.root)
+    if d.download and d.name != "shapes":
+        _check_creatable_dir("data.root", d.root)
+    _choice("data.partition", d.partition, PARTITIONS)
+    if d.partition == "domain":
+        _check(d.name in DOMAIN_DATASETS, f"data.partition=domain needs a dataset with domains "
+                                          f"({', '.join(DOMAIN_DATASETS)}); {d.name!r} has none")
+    _integer("data.num_clients", d.num_clients, 1)
+    _number("data.alpha", d.alpha, 0.0, open_low=True)
+    _number("data.domain_alpha", d.domain_alpha, 0.0, open_low=True)
+    if d.shots is not None:
+        _integer("data.shots", d.shots, 1)
+    _integer("data.min_size", d.min_size, 1)
+    _integer("data.train_per_class", d.train_per_class, 1)
+    _integer("data.test_per_class", d.test_per_class, 1)
+    _number("data.shapes_brightness", d.shapes_brightness, 0.0, 1.0, open_low=True)
+    _integer("data.batch_size", d.batch_size, 1)
+    _integer("data.num_workers", d.num_workers, 0)
+
+
+def _check_fed(f: FederationConfig) -> None:
+    _integer("fed.rounds", f.rounds, 1)
+    _check(_is_number(f.frac) and 0.0 < f.frac <= 1.0, f"fed.frac must be in (0, 1] (got {f.frac})")
+    _integer("fed.local_epochs", f.local_epochs, 1)
+    _integer("fed.eval_every", f.eval_every, 1)
+
+
+def _check_optim(o: OptimConfig) -> None:
+    _number("optim.prompt_lr", o.prompt_lr, 0.0)
+    _number("optim.gate_lr", o.gate_lr, 0.0)
+    _number("optim.momentum", o.momentum, 0.0, 1.0, open_high=True)
+    _number("optim.weight_decay", o.weight_decay, 0.0)
+
+
+def _check_method(m: MethodConfig, cfg: Config) -> None:
+    _integer("method.num_experts", m.num_experts, 1)
     if cfg.algorithm == "pfedmoap":
-        _check(cfg.method.num_experts <= cfg.data.num_clients,
-               f"method.num_experts={cfg.method.num_experts} exceeds data.num_clients={cfg.data.num_clients}; "
+        _check(m.num_experts <= cfg.data.num_clients,
+               f"method.num_experts={m.num_experts} exceeds data.num_clients={cfg.data.num_clients}; "
                "the local expert plus K = num_experts - 1 other clients must exist")
-    _check(cfg.method.selection in ("knn", "random"),
-           f"method.selection must be knn or random (got '{cfg.method.selection}')")
-    _check(cfg.gate.top_k is None or cfg.gate.top_k >= 1, f"gate.top_k must be >= 1 (got {cfg.gate.top_k})")
-    _check(cfg.gate.d_gate % cfg.gate.num_heads == 0,
-           f"gate.d_gate={cfg.gate.d_gate} must be divisible by gate.num_heads={cfg.gate.num_heads}")
-    _check(cfg.perf.client_batch >= 0, f"perf.client_batch must be >= 0 (got {cfg.perf.client_batch})")
-    _check(cfg.perf.augmented_views >= 0, f"perf.augmented_views must be >= 0 (got {cfg.perf.augmented_views})")
-    _check(cfg.trainer.devices >= 1 and cfg.trainer.num_nodes >= 1, "trainer.devices and num_nodes must be >= 1")
-    _check(cfg.run.resume in (None, "auto") or Path(str(cfg.run.resume)).is_dir(),
-           f"run.resume must be auto or an existing run directory (got '{cfg.run.resume}')")
+    _check(m.selection in SELECTIONS, f"method.selection must be knn or random (got {m.selection!r})")
+    _number("method.lam", m.lam, 0.0)
+    _number("method.mu", m.mu, 0.0)
+    rest = m.template.replace("{}", "", 1)
+    _check(m.template.count("{}") == 1 and "{" not in rest and "}" not in rest,
+           f"method.template must contain exactly one {{}} (the class name) and no other braces "
+           f"(got {m.template!r})")
+
+
+def _check_perf(p: PerfConfig) -> None:
+    _integer("perf.client_batch", p.client_batch, 0)
+    _integer("perf.augmented_views", p.augmented_views, 0)
+
+
+def _check_trainer(t: TrainerConfig) -> None:
+    _choice("trainer.accelerator", t.accelerator, ACCELERATORS)
+    _integer("trainer.devices", t.devices, 1)
+    _integer("trainer.num_nodes", t.num_nodes, 1)
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    _choice("trainer.strategy", t.strategy, STRATEGIES)
+
+
+def _check_run(r: RunConfig) -> None:
+    _check(len(r.name) <= MAX_NAME_LENGTH and RUN_NAME.fullmatch(r.name) is not None,
+           f"run.name={r.name!r} must be a plain folder name of 1-{MAX_NAME_LENGTH} characters: letters, digits and "
+           ". _ - + = , @ (starting with a letter, digit or _), no path separators")
+    _check_creatable_dir("run.out_dir", r.out_dir)
+    if r.resume in (None, "auto"):
+        return
+    hint = "use run.resume=auto or the path of a run directory (one that holds config.yaml or checkpoint.pt)"
+    path = _expand("run.resume", r.resume)
+    _check(r.resume.strip() != "" and path.is_dir(), f"run.resume={r.resume!r} is not an existing directory; {hint}")
+    _check(any((path / marker).is_file() for marker in RESUME_MARKERS),
+           f"run.resume={r.resume!r} is not a fedlit run directory (no config.yaml or checkpoint.pt); {hint}")
+    _check(os.access(path, os.W_OK | os.X_OK), f"run.resume={r.resume!r} is not writable")
+
+
+def validate(cfg: Config) -> None:
+    """Raise a one-line ConfigError naming the key for any value of the wrong type, out of range, not finite, not
+    among the choices, or any impossible combination, name or path (see the module docstring for the rules)."""
+    _check_types(cfg)
+    _check_top(cfg)
+    _check_backbone(cfg.backbone)
+    _check_prompt(cfg.prompt)
+    _check_gate(cfg.gate, cfg)
+    _check_data(cfg.data)
+    _check_fed(cfg.fed)
+    _check_optim(cfg.optim)
+    _check_method(cfg.method, cfg)
+    _check_perf(cfg.perf)
+    _check_trainer(cfg.trainer)
+    _check_run(cfg.run)
