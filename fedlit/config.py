@@ -104,6 +104,7 @@ class DataConfig:
     shapes_brightness: float = 1.0  # shapes only: < 1 darkens the images (a domain shift from the pretraining data)
     batch_size: int = 32
     num_workers: int = 0
+    drop_last: bool = False  # drop each client's last partial train batch in every epoch (reference code's DataLoader)
 
 
 @dataclass
