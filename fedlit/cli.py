@@ -1,11 +1,23 @@
-"""``fedlit-train`` / ``experiments/train.py``: a config file plus ``key=value`` overrides -> a federated run."""
+"""``fedlit-train`` / ``experiments/train.py``: a config file plus ``key=value`` overrides -> a federated run.
+
+Exit codes: 0 success (or stopped and requeued under Slurm), 2 bad input (:class:`~fedlit.errors.UserError`, or a
+write refused because the disk is full, read-only, over quota or not permitted): one line ``error: ...`` on
+stderr, and nothing written when the input is bad. 3 stopped by SIGUSR1/SIGTERM (resume with ``run.resume=auto``).
+Any other exception is a bug: it keeps its traceback (exit 1). ``--debug`` shows the traceback of user errors too.
+
+Only light modules are imported at the top (the stop-signal handlers go in first); the configuration, torch and
+lightning load inside :func:`main`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import traceback
 
-from fedlit.config import ConfigError, load_config
+from fedlit.errors import UserError
+from fedlit.federation.signals import STOP, Preempted, requeue_slurm_job
 
 MAIN_KEYS = """main keys (any key of the config can be overridden as key=value):
   algorithm=pfedmoap|promptfl|fedprox|coop_local|zeroshot|all   seed=0
@@ -15,47 +27,124 @@ MAIN_KEYS = """main keys (any key of the config can be overridden as key=value):
   data.shots=16  fed.rounds=10  fed.frac=1.0  fed.local_epochs=5  fed.eval_every=1
   method.num_experts=10  method.selection=knn|random  method.lam=0.5  method.mu=0.01  gate.top_k=null
   prompt.n_ctx=16  prompt.ctx_init=null  prompt.class_specific=false  optim.prompt_lr=0.002  optim.gate_lr=0.01
-  trainer.devices=1  trainer.accelerator=cpu|gpu  trainer.precision=32-true|bf16-mixed|16-mixed
+  trainer.devices=1  trainer.accelerator=cpu|gpu|cuda|mps|auto  trainer.precision=32-true|bf16-mixed|16-mixed
   run.name=default  run.out_dir=runs  run.resume=null|auto|<run dir>  run.quiet=false
+
+run.name is one plain folder name (letters, digits, . _ - + = , @; at most 100 characters); runs are written to
+run.out_dir/run.name/<timestamp>/. Bad input prints one line and exits with code 2 before anything is written.
 """
+
+# Write failures that are the machine's state, not a bug: reported as one line naming the path (exit code 2).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT)
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors (one line, exit code 2) instead of a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    """The command line: ``--config``, ``--debug`` and ``key=value`` overrides (usage errors are UserErrors)."""
+    parser = _Parser(
         prog="fedlit-train",
         description="Federated prompt learning on CLIP (PromptFL, pFedMoAP and baselines).",
         epilog=MAIN_KEYS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", "-c", default=None, help="YAML config file (default: typed defaults)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of bad-input errors too")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm=promptfl fed.rounds=5")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code (2 for bad input, 0 on success or requeue)."""
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from fedlit.federation.experiment import Preempted, requeue_slurm_job, run_experiment
-    from fedlit.federation.signals import STOP
+def one_line(text: str) -> str:
+    """``text`` as a single line: its non-blank lines joined by spaces."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
-    STOP.install()  # a stop signal during start-up is honoured at the first round boundary
+
+def write_error(err: BaseException) -> OSError | None:
+    """The OSError of a refused write (disk full, permission, read-only, quota) in ``err`` or what caused it, or
+    None. torch.save on a full disk raises a C++ RuntimeError whose context holds the OSError."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in WRITE_ERRNOS:
+            return current
+        todo.extend([current.__cause__, current.__context__])
+    return None
+
+
+def write_error_message(err: OSError) -> str:
+    """One line for a refused write, naming the path when the OSError carries one."""
+    where = f" {err.filename}" if err.filename else ""
+    return f"cannot write{where}: {err.strerror or errno.errorcode.get(err.errno or 0, 'error')} (errno {err.errno})"
+
+
+def check_accelerator(accelerator: str, devices: int) -> None:
+    """UserError when ``trainer.accelerator`` names a device this machine does not have, or more GPUs than are
+    visible (Fabric would raise a RuntimeError after the imports)."""
+    import torch
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if (accelerator == "cuda" and not cuda) or (accelerator == "gpu" and not (cuda or mps)):
+        raise UserError(f"trainer.accelerator={accelerator} but no GPU is available on this machine; "
+                        "use trainer.accelerator=cpu or auto")
+    if accelerator == "mps" and not mps:
+        raise UserError("trainer.accelerator=mps but Apple's MPS is not available on this machine; "
+                        "use trainer.accelerator=cpu or auto")
+    if accelerator in ("gpu", "cuda") and cuda and devices > torch.cuda.device_count():
+        raise UserError(f"trainer.devices={devices} but only {torch.cuda.device_count()} GPU(s) are visible")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Load and validate the configuration, then run it; returns the exit code (0, or 3 after a stop signal)."""
+    from fedlit.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    from fedlit.federation.experiment import run_experiment
+
     try:
         run_experiment(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 2
     except Preempted as stop:
         requeued = requeue_slurm_job()
         print(f"fedlit: {stop}; {'requeued' if requeued else 'resume with run.resume=auto'}", file=sys.stderr)
-        return 0 if requeued else 3
+        return 0 if requeued else EXIT_STOPPED
+    return 0
+
+
+def _report(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (see the module docstring). A stop signal from this point on is
+    recorded and honoured at the first round boundary."""
+    STOP.install()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        return train(parse_args(argv))
+    except UserError as err:
+        return _report(str(err), debug)
+    except Exception as err:
+        refused = write_error(err)
+        if refused is None:
+            raise
+        return _report(write_error_message(refused), debug)
     finally:
         STOP.uninstall()
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,9 +8,32 @@ one class embedding per image (SPEC §2 items 4-7 and 10).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fedlit.errors import UserError
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_settings(feature_dim: int, d_gate: int, num_heads: int, scale: float, top_k: int | None) -> None:
+    """UserError (the ``gate.*`` settings are user input) for a width, head count, scale or top-k that cannot work."""
+    if not _is_int(d_gate) or d_gate < 1 or d_gate > feature_dim or feature_dim % d_gate != 0:
+        raise UserError(
+            f"gate.d_gate: d_gate={d_gate!r} must divide feature_dim={feature_dim}; "
+            "set gate.d_gate to a divisor of it (128 for CLIP widths 512/1024)"
+        )
+    if not _is_int(num_heads) or num_heads < 1 or d_gate % num_heads != 0:
+        raise UserError(f"gate.num_heads: num_heads={num_heads!r} must divide d_gate={d_gate}; use e.g. 8 heads")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise UserError(f"gate.scale: scale={scale!r} must be a finite number > 0")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise UserError(f"gate.top_k: top_k={top_k!r} must be None (all experts) or an integer >= 1")
 
 
 def downsample(z: Tensor, d_gate: int) -> Tensor:
@@ -45,15 +68,7 @@ class AttentionGate(nn.Module):
         top_k: int | None = None,
     ) -> None:
         super().__init__()
-        if d_gate < 1 or d_gate > feature_dim or feature_dim % d_gate != 0:
-            raise ValueError(
-                f"d_gate={d_gate} must divide feature_dim={feature_dim}; "
-                "set gate.d_gate to a divisor of it (128 for CLIP widths 512/1024)"
-            )
-        if num_heads < 1 or d_gate % num_heads != 0:
-            raise ValueError(f"num_heads={num_heads} must divide d_gate={d_gate}; use e.g. 8 heads")
-        if top_k is not None and (isinstance(top_k, bool) or top_k < 1):
-            raise ValueError(f"top_k={top_k!r} must be None (all experts) or an integer >= 1")
+        _check_settings(feature_dim, d_gate, num_heads, scale, top_k)
         self.feature_dim = feature_dim
         self.d_gate = d_gate
         self.num_heads = num_heads

@@ -12,8 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from fedlit.backbone import Backbone
+from fedlit.errors import UserError
 
 PLACEHOLDER = "X"
+BOOLEAN_WORDS = ("", "false", "true", "none", "null")  # ctx_init values that are a YAML boolean or null gone wrong
 
 
 def clean_classname(name: str) -> str:
@@ -24,6 +26,28 @@ def clean_classname(name: str) -> str:
 def _token_count(backbone: Backbone, text: str) -> int:
     """Number of tokens of ``text`` alone (between the start and end tokens)."""
     return int(backbone.tokenize([text]).argmax(dim=-1)[0]) - 1
+
+
+def check_context_fits(backbone: Backbone, names: list[str], n_ctx: int, ctx_init: str | None = None) -> None:
+    """UserError unless the start token, ``n_ctx`` context tokens, the longest class name with its period and the
+    end token fit in the tokenizer's context. The tokenizer would silently cut the class name off, and every class
+    would get the same prompt."""
+    if not names:
+        return
+    name_tokens = (backbone.tokenize([f"{name}." for name in names]).argmax(dim=-1) - 1).tolist()
+    longest = max(range(len(names)), key=lambda i: name_tokens[i])
+    room = backbone.context_length - 2 - name_tokens[longest]  # context tokens that fit with the longest name
+    if n_ctx <= room:
+        return
+    name = names[longest]
+    if room < 1:
+        raise UserError(f"class name {name!r} is too long for the {backbone.context_length}-token context of the "
+                        "tokenizer: no room is left for prompt.n_ctx context tokens")
+    shown = ctx_init if ctx_init is None or len(ctx_init) <= 40 else ctx_init[:37] + "..."
+    what = f"prompt.ctx_init={shown!r} ({n_ctx} tokens)" if ctx_init is not None else f"prompt.n_ctx={n_ctx}"
+    fix = "shorten prompt.ctx_init" if ctx_init is not None else f"set prompt.n_ctx <= {room}"
+    raise UserError(f"{what} leaves no room for the class name {name!r} ({name_tokens[longest]} tokens with its "
+                    f"period) in the {backbone.context_length}-token context of the tokenizer; {fix}")
 
 
 def init_context(n_ctx: int, width: int, num_classes: int | None, std: float, seed: int | None = None) -> Tensor:
@@ -58,20 +82,21 @@ class PromptLearner(nn.Module):
     ):
         super().__init__()
         if ctx_init is not None and not isinstance(ctx_init, str):
-            raise ValueError(f"prompt.ctx_init must be a string of words or null (got {ctx_init!r})")
-        if ctx_init is not None and ctx_init.strip().lower() in ("", "false", "none", "null"):
-            raise ValueError(f"prompt.ctx_init={ctx_init!r} looks like a boolean; use null for random init")
+            raise UserError(f"prompt.ctx_init must be a string of words or null (got {ctx_init!r})")
+        if ctx_init is not None and ctx_init.replace("_", " ").strip().lower() in BOOLEAN_WORDS:
+            raise UserError(f"prompt.ctx_init={ctx_init!r} looks like a boolean; use null for random init")
         if not isinstance(class_specific, bool):
-            raise ValueError(f"prompt.class_specific must be a boolean (got {class_specific!r})")
+            raise UserError(f"prompt.class_specific must be a boolean (got {class_specific!r})")
         if class_position not in ("end", "front", "middle"):
-            raise ValueError(f"prompt.class_position must be end, front or middle (got '{class_position}')")
+            raise UserError(f"prompt.class_position must be end, front or middle (got '{class_position}')")
         names = [clean_classname(n) for n in classnames]
         num_classes = len(names)
         if ctx_init is not None:
             ctx_init = ctx_init.replace("_", " ").strip()
             n_ctx = _token_count(backbone, ctx_init)
         if n_ctx < 1:
-            raise ValueError(f"prompt.n_ctx must be >= 1 (got {n_ctx}); set prompt.n_ctx to a positive count")
+            raise UserError(f"prompt.n_ctx must be >= 1 (got {n_ctx}); set prompt.n_ctx to a positive count")
+        check_context_fits(backbone, names, n_ctx, ctx_init)
         self.n_ctx = n_ctx
         self.class_specific = class_specific
         self.class_position = class_position

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedlit.errors import UserError
 from fedlit.prompts import PromptLearner, clean_classname, init_context
 
 BACKBONES = ["tiny_backbone", "vitb32_backbone"]
@@ -240,3 +241,34 @@ def test_bad_arguments_are_refused_in_one_line(tiny_backbone, classnames, kwargs
     with pytest.raises(ValueError, match=match) as err:
         PromptLearner(tiny_backbone, classnames, **kwargs)
     one_line(err)
+
+
+def test_context_that_fills_the_tokenizer_context_is_refused_naming_the_key_and_the_class(tiny_backbone, classnames):
+    # "golden retriever." is the longest name (3 tokens): 77 - start - end - 3 leaves 72 context tokens.
+    assert tiny_backbone.context_length == 77
+    fits = PromptLearner(tiny_backbone, classnames, ctx_init="a " * 72)
+    assert fits.n_ctx == 72 and fits.eot_index.tolist() == [75, 76, 76]
+    words = "a " * 75  # what the check prevents: the tokenizer cuts every class name off, all prompts are equal
+    tokens = tiny_backbone.tokenize([f"{words}{name}." for name in ("cat", "sea turtle")])
+    assert torch.equal(tokens[0], tokens[1])
+    for count in (73, 75):
+        with pytest.raises(UserError) as err:
+            PromptLearner(tiny_backbone, classnames, ctx_init="a " * count)
+        assert one_line(err) == (f"prompt.ctx_init='{'a ' * 18}a...' ({count} tokens) leaves no room for the class "
+                                 "name 'golden retriever' (3 tokens with its period) in the 77-token context of the "
+                                 "tokenizer; shorten prompt.ctx_init")
+
+
+def test_n_ctx_longer_than_the_context_is_refused_with_the_largest_that_fits(tiny_backbone, classnames):
+    assert PromptLearner(tiny_backbone, classnames, n_ctx=72).ctx_shape == (72, 64)
+    for n_ctx in (73, 100):
+        with pytest.raises(UserError) as err:
+            PromptLearner(tiny_backbone, classnames, n_ctx=n_ctx)
+        assert one_line(err) == (f"prompt.n_ctx={n_ctx} leaves no room for the class name 'golden retriever' (3 tokens "
+                                 "with its period) in the 77-token context of the tokenizer; set prompt.n_ctx <= 72")
+    assert PromptLearner(tiny_backbone, ["cat"], n_ctx=73).n_ctx == 73  # "cat." is 2 tokens: one more fits
+
+
+def test_class_name_that_fills_the_context_alone_is_refused(tiny_backbone):
+    with pytest.raises(UserError, match=r"class name 'x x x .*' is too long for the 77-token context"):
+        PromptLearner(tiny_backbone, ["cat", "x " * 80], n_ctx=1)

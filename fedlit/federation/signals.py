@@ -1,4 +1,8 @@
-"""Stop requests (SIGUSR1 from Slurm before the time limit, SIGTERM on preemption) and Slurm requeue."""
+"""Stop requests (SIGUSR1 from Slurm before the time limit, SIGTERM on preemption) and Slurm requeue.
+
+This module imports nothing heavy (no torch, no lightning): entry points install :data:`STOP` on their first line,
+so a signal during the seconds of start-up imports is recorded instead of killing the process.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,10 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopRequest:
-        """Install the handlers (main thread only; elsewhere a no-op)."""
+        """Install the handlers (main thread only; elsewhere a no-op). Installing twice keeps the first
+        installation, so that :meth:`uninstall` restores the handlers from before it."""
+        if self.installed:
+            return self
         try:
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -45,7 +52,7 @@ class StopRequest:
         return self.signal is not None
 
 
-STOP = StopRequest()  # the process's one stop flag; cli.main installs it for the whole run
+STOP = StopRequest()  # the process's one stop flag; the entry points install it for the whole run
 
 
 def requeue_slurm_job() -> bool:
