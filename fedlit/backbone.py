@@ -9,17 +9,29 @@ shared by many sequences once (:meth:`Backbone.encode_shared_prefix`, exact for 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import importlib.util
+import logging
+import os
+import socket
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
+from fedlit.clip_text import encode_text_cut, text_tower, text_tower_shared_prefix
 from fedlit.data.base import Preprocess
+from fedlit.errors import UserError
+from fedlit.io import default_cache_dir
+from fedlit.pretrain import load_shapes_clip
 
 # A CLIP of ~1.6 M parameters that builds in milliseconds; standard vocab and context so the real tokenizer works.
 TINY_CLIP_CFG = dict(
@@ -30,6 +42,8 @@ TINY_CLIP_CFG = dict(
 LOCAL_NAMES = ("tiny", "shapes-clip")
 RANDOM_INIT_SEED = 0  # randomly initialised backbones (tests, benchmarks) are identical everywhere
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+LOCAL_WEIGHTS = {"tiny": "its weights are random, seed 0", "shapes-clip": "fedlit builds its weights from a recipe"}
+NETWORK_TIMEOUT_S = 2.0  # the probe of the download host before fetching open_clip weights
 
 
 class Backbone(nn.Module):
@@ -114,82 +128,10 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
-        """L2-normalised features ``(N, D)`` of plain texts (e.g. hand-written prompts), with the end-token cut."""
+        """L2-normalised features ``(N, D)`` of plain texts (e.g. hand-written prompts), with the end-token cut
+        when the tower is causal."""
         tokens = self.tokenize(texts).to(self.model.token_embedding.weight.device)
-        eot = tokens.argmax(dim=-1)
-        length = self.sequence_length(eot)
-        return self.encode_prompts(self.token_embeddings(tokens[:, :length]), eot)
-
-
-def text_tower(model: nn.Module, embeddings: Tensor, eot_index: Tensor) -> Tensor:
-    """Unnormalised text features ``(N, D)`` of an open_clip CLIP for token embeddings ``(N, L, W)`` (``L`` up to
-    the context length; positional embeddings and the causal mask are sliced to it), pooled at ``eot_index (N,)``."""
-    length = embeddings.shape[1]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
-    return _pool_and_project(model, model.transformer(x, attn_mask=mask), eot_index)
-
-
-def _pool_and_project(model: nn.Module, x: Tensor, eot_index: Tensor) -> Tensor:
-    """Final layer norm, the row at ``eot_index (N,)`` of each sequence of ``x (N, L, W)``, text projection:
-    ``(N, D)``."""
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]
-    proj = model.text_projection
-    if proj is not None:
-        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-    return x
-
-
-def text_tower_shared_prefix(model: nn.Module, prefix: Tensor, suffix: Tensor, eot_index: Tensor) -> Tensor:
-    """Unnormalised text features ``(G*C, D)`` of the sequences ``[prefix[g], suffix[g, c]]`` of an open_clip CLIP
-    with a causal text tower of plain residual attention blocks: ``prefix (G, P, W)``, ``suffix (G, C, S, W)``,
-    ``eot_index (G*C,)`` in whole-sequence positions (``>= P``).
-
-    Causal attention means the prefix positions never see the suffix, so each layer runs the prefix once per group
-    and lets the group's ``C`` suffixes attend to its keys and values: ``P + C*S`` token rows instead of
-    ``C*(P+S)``, forward and backward alike."""
-    groups, prefix_len, width = prefix.shape
-    classes, suffix_len = suffix.shape[1:3]
-    length = prefix_len + suffix_len
-    cast_dtype = model.transformer.get_cast_dtype()
-    position = model.positional_embedding[:length].to(cast_dtype)
-    # Prefix and suffix rows stay in one (rows, W) matrix so that every linear layer is one matmul: a separate
-    # few-row matmul for the prefix would round differently for different G (batched clients must equal sequential).
-    rows = torch.cat([(prefix.to(cast_dtype) + position[:prefix_len]).reshape(-1, width),
-                      (suffix.to(cast_dtype) + position[prefix_len:]).reshape(-1, width)])
-    mask = model.attn_mask[:length, :length] == 0  # True where attention is allowed (j <= i)
-    for block in model.transformer.resblocks:
-        rows = _shared_prefix_block(block, rows, groups, prefix_len, classes, mask)
-    suffixes = rows[groups * prefix_len :].reshape(groups * classes, suffix_len, width)
-    return _pool_and_project(model, suffixes, eot_index - prefix_len)
-
-
-def _shared_prefix_block(block: nn.Module, rows: Tensor, groups: int, prefix_len: int, classes: int, mask: Tensor
-                         ) -> Tensor:
-    """One ``ResidualAttentionBlock`` (pre-norm attention, then MLP) on ``rows (G*P + G*C*S, W)``: the ``G``
-    prefixes' rows, then their suffixes' rows. ``mask (P+S, P+S)`` is the boolean causal mask; suffix queries attend
-    to their group's prefix keys and values and to their own suffix."""
-    attn = block.attn
-    num_heads = attn.num_heads
-    split = groups * prefix_len
-
-    def heads(x: Tensor, sequences: int) -> Tensor:  # (sequences*L, W) -> (sequences, heads, L, W/heads)
-        return x.reshape(sequences, -1, num_heads, x.shape[-1] // num_heads).transpose(1, 2)
-
-    def with_prefix(prefix: Tensor, rest: Tensor) -> Tensor:  # each suffix's group prefix keys/values before it
-        prefix = prefix.unsqueeze(1).expand(-1, classes, -1, -1, -1).flatten(0, 1)
-        return torch.cat([prefix, rest], dim=2)
-
-    q, k, v = F.linear(block.ln_1(rows), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    qh, kh, vh = (heads(t[:split], groups) for t in (q, k, v))
-    qt, kt, vt = (heads(t[split:], groups * classes) for t in (q, k, v))
-    out_head = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:prefix_len, :prefix_len])
-    out_tail = F.scaled_dot_product_attention(qt, with_prefix(kh, kt), with_prefix(vh, vt), attn_mask=mask[prefix_len:])
-    out = torch.cat([out_head.transpose(1, 2).flatten(0, 1), out_tail.transpose(1, 2).flatten(0, 1)]).flatten(1)
-    rows = rows + block.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
-    return rows + block.ls_2(block.mlp(block.ln_2(rows)))
+        return F.normalize(encode_text_cut(self.model, tokens, cut=self.causal), dim=-1)
 
 
 def _preprocess_of(model: nn.Module) -> Preprocess:
@@ -217,73 +159,205 @@ def _is_weights_file(pretrained: str) -> bool:
 def load_backbone(
     name: str,
     pretrained: str | None = None,
-    cache_dir: str | Path = "~/.cache/fedlit",
+    cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
 ) -> Backbone:
     """Build the frozen :class:`Backbone`.
 
     ``name``: an open_clip model name (e.g. ``RN50-quickgelu``, ``ViT-B-16-quickgelu``, ``ViT-B-32``), ``tiny``
-    (random, for tests) or ``shapes-clip`` (fedlit's offline recipe, built and cached on first use).
-    ``pretrained``: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``), a local weights file, or None
-    for random weights. Unknown names, unknown tags and missing files raise one-line errors.
+    (random, for tests) or ``shapes-clip`` (fedlit's offline recipe, built and cached under ``cache_dir`` on first
+    use; None: :func:`fedlit.io.default_cache_dir`). ``pretrained`` (open_clip names only): an open_clip pretrained
+    tag (``openai``, ``laion2b_s34b_b79k``), a local weights file, or None for random weights. Every bad input
+    (unknown name or tag, missing, corrupt or mismatched weights file, tag weights neither cached nor downloadable)
+    raises a one-line :class:`UserError`.
     """
+    if name in LOCAL_NAMES and pretrained:
+        raise UserError(f"backbone.pretrained={pretrained} cannot be used with the built-in backbone '{name}' "
+                        f"({LOCAL_WEIGHTS[name]}); unset backbone.pretrained, or set backbone.name to an open_clip "
+                        "model (e.g. RN50-quickgelu)")
     if name == "tiny":
         with torch.random.fork_rng(devices=[]):  # random weights, but the same ones in every process and run
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.CLIP(**TINY_CLIP_CFG)
-        if pretrained:
-            _load_local_weights(model, pretrained)
     elif name == "shapes-clip":
-        from fedlit.pretrain import load_shapes_clip
-
-        model = load_shapes_clip(Path(cache_dir).expanduser())
+        model = load_shapes_clip(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
     else:
         known = open_clip.list_models()
         if name not in known:
             close = difflib.get_close_matches(name, known + list(LOCAL_NAMES), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
-            raise ValueError(f"unknown backbone '{name}'{hint}")
+            raise UserError(f"unknown backbone '{name}'{hint}")
         model = _create_open_clip(name, pretrained)
     tokenizer = open_clip.get_tokenizer("ViT-B-32" if name in LOCAL_NAMES else name)
     fingerprint = f"{name}:{Path(pretrained).name if pretrained else 'random'}:{_weights_digest(model)}"
     return Backbone(model, tokenizer, name, fingerprint, _preprocess_of(model)).to(device)
 
 
-def _load_local_weights(model: nn.Module, path: str) -> None:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"backbone weights file not found: {file} (set backbone.pretrained to an existing file)"
-        )
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(
-            f"weights file {file} does not match the model: missing {len(missing)} keys, e.g. {missing[0]}"
-        )
-
-
 def _create_open_clip(name: str, pretrained: str | None) -> nn.Module:
     if pretrained is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            return open_clip.create_model(name, pretrained=None)
+        return _random_open_clip(name)
     if _is_weights_file(pretrained):
         file = Path(pretrained).expanduser()
         if not file.is_file():
-            raise FileNotFoundError(
-                f"backbone weights file not found: {file} (download the open_clip checkpoint for {name} "
-                "and set backbone.pretrained to its path, or use a pretrained tag)"
-            )
-        return open_clip.create_model(name, pretrained=str(file))
+            raise UserError(f"backbone weights file not found: {file} (download the open_clip checkpoint for {name} "
+                            "and set backbone.pretrained to its path, or use a pretrained tag)")
+        with _without_random_init_warning():  # the weights are loaded right after
+            model = _random_open_clip(name)
+        load_weights_file(model, file)
+        return model
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
-        raise ValueError(f"unknown pretrained tag '{pretrained}' for {name}; available: {', '.join(tags) or 'none'}")
+        raise UserError(f"unknown pretrained tag '{pretrained}' for {name}; available: {', '.join(tags) or 'none'} "
+                        "(or set backbone.pretrained to a local weights file)")
+    return _open_clip_from_tag(name, pretrained)
+
+
+def _random_open_clip(name: str) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return open_clip.create_model(name, pretrained=None)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """Drop open_clip's "initialized randomly" warning (logged on the root logger) inside the block."""
+    drop = logging.Filter()
+    drop.filter = lambda record: "initialized randomly" not in record.getMessage()  # type: ignore[method-assign]
+    root = logging.getLogger()
+    root.addFilter(drop)
     try:
-        return open_clip.create_model(name, pretrained=pretrained)
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def load_weights_file(model: nn.Module, file: str | Path) -> None:
+    """Load the state dict in ``file`` (``torch.save`` pickle read with ``weights_only=True``, or safetensors; open_clip
+    key conversions applied) into ``model``. Unreadable, corrupt, empty or non-tensor files and state dicts whose
+    keys or shapes do not match the model raise one :class:`UserError` line naming the file."""
+    file = Path(file).expanduser()
+    if file.stat().st_size == 0:
+        raise UserError(f"backbone weights file {file} is empty; set backbone.pretrained to a complete checkpoint")
+    try:
+        missing, unexpected = open_clip.load_checkpoint(model, str(file), strict=False)
+    except Exception as err:  # noqa: BLE001 - torch.load, safetensors and load_state_dict fail in many ways
+        raise UserError(f"cannot load backbone weights {file}: {_summary(err)}; set backbone.pretrained to an "
+                        "open_clip state dict saved with torch.save (tensors only) or safetensors") from None
+    if missing or unexpected:
+        raise UserError(f"backbone weights file {file} does not match the model {type(model).__name__}: "
+                        f"{_keys(missing, 'missing')}{'; ' if missing and unexpected else ''}"
+                        f"{_keys(unexpected, 'unexpected')}; is it a checkpoint of backbone.name?")
+
+
+def _keys(keys: list[str], what: str, shown: int = 3) -> str:
+    if not keys:
+        return ""
+    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+    return f"{len(keys)} {what} keys {', '.join(keys[:shown])}{more}"
+
+
+def _summary(err: BaseException, limit: int = 240) -> str:
+    """One line of an exception: its type and the most telling line of its message (for torch.load's refusal, the
+    line naming what ``weights_only=True`` refused; for load_state_dict, the first size mismatch)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        details = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the docum"))]
+        lines = [f"refused by torch.load(weights_only=True): {details[0] if details else lines[0]}"]
+    telling = [line for line in lines if "size mismatch" in line]
+    text = (telling or lines or [""])[0]
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _open_clip_from_tag(name: str, tag: str) -> nn.Module:
+    """The open_clip model ``name`` with the weights of ``tag``: from the local cache when they are there (no network
+    access at all), else downloaded when the download host is reachable, else a UserError at once."""
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    cached = cached_pretrained_file(cfg)
+    advice = (f"on an offline machine, get the weights elsewhere (open_clip.create_model('{name}', "
+              f"pretrained='{tag}') downloads them) and set backbone.pretrained=/path/to/weights file")
+    if cached is not None:
+        try:  # the file, with the tag's preprocessing (what create_model does for the tag after its download)
+            return open_clip.create_model(name, pretrained=str(cached), force_preprocess_cfg=cfg)
+        except Exception as err:  # noqa: BLE001 - as in load_weights_file
+            raise UserError(f"cannot load the cached weights {cached} of {name}/{tag} ({_summary(err)}); delete the "
+                            f"file to download it again, or {advice}") from None
+    url = download_url(cfg)
+    if not network_reachable(url):
+        raise UserError(f"pretrained weights {name}/{tag} are not in the local cache ({_cache_location(cfg)}) and "
+                        f"{urlparse(url).hostname} cannot be reached; {advice}")
+    try:
+        return open_clip.create_model(name, pretrained=tag)
     except Exception as err:  # noqa: BLE001 - download and hub errors come in many types
-        raise RuntimeError(
-            f"could not fetch pretrained weights {name}/{pretrained} ({type(err).__name__}); on an offline machine "
-            "download the checkpoint elsewhere and set backbone.pretrained=/path/to/file"
-        ) from None
+        raise UserError(f"could not fetch pretrained weights {name}/{tag} ({_summary(err)}); {advice}") from None
+
+
+def _hf_hub_source(cfg: dict) -> tuple[str, list[str]] | None:
+    """(repo id, candidate file names) open_clip downloads ``cfg``'s weights from on the Hugging Face hub, or None
+    when it downloads them from a plain URL instead."""
+    hub = cfg.get("hf_hub", "")
+    if not hub or not open_clip.pretrained.has_hf_hub():
+        return None
+    repo, filename = os.path.split(hub)
+    filename = filename or HF_WEIGHTS_NAME
+    safer = []  # open_clip tries a safetensors twin first when safetensors is installed
+    if importlib.util.find_spec("safetensors") is not None:
+        if filename == HF_WEIGHTS_NAME:
+            safer.append(HF_SAFE_WEIGHTS_NAME)
+        elif filename.endswith((".bin", ".pth")):
+            safer.append(filename[:-4] + ".safetensors")
+    return repo, safer + [filename]
+
+
+def cached_pretrained_file(cfg: dict) -> Path | None:
+    """The local copy of the weights of an open_clip pretrained config (``open_clip.get_pretrained_cfg``) that
+    ``open_clip.create_model`` would download, if the Hugging Face cache (or open_clip's ``~/.cache/clip`` for
+    URL downloads) holds it; else None. Looks at files only, never at the network."""
+    hub = _hf_hub_source(cfg)
+    if hub is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, candidates = hub
+        for filename in candidates:
+            found = try_to_load_from_cache(repo, filename)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+        return None
+    url = cfg.get("url", "")
+    file = Path("~/.cache/clip").expanduser() / os.path.basename(url) if url else None
+    return file if file is not None and file.is_file() else None
+
+
+def _cache_location(cfg: dict) -> str:
+    if _hf_hub_source(cfg) is not None:
+        from huggingface_hub import constants
+
+        return constants.HF_HUB_CACHE
+    return str(Path("~/.cache/clip").expanduser())
+
+
+def download_url(cfg: dict) -> str:
+    """The URL (or hub endpoint) open_clip downloads the weights of pretrained config ``cfg`` from."""
+    if _hf_hub_source(cfg) is not None:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+    return cfg.get("url", "")
+
+
+def network_reachable(url: str, timeout: float = NETWORK_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the host of ``url`` (or to the HTTPS proxy, when one is configured) opens within
+    ``timeout`` seconds: a quick probe before a download that would otherwise retry for a minute offline."""
+    host = urlparse(url).hostname
+    if not host:
+        return False
+    proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get("https")
+    target = urlparse(proxy) if proxy else urlparse(url)
+    if not target.hostname:
+        return False
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        with socket.create_connection((target.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

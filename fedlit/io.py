@@ -48,3 +48,12 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+DEFAULT_CACHE_DIR = "~/.cache/fedlit"
+
+
+def default_cache_dir() -> Path:
+    """Where fedlit keeps built backbones and cached features: ``$FEDLIT_CACHE`` if set, else ``~/.cache/fedlit``
+    (user-expanded)."""
+    return Path(os.environ.get("FEDLIT_CACHE") or DEFAULT_CACHE_DIR).expanduser()

@@ -12,10 +12,7 @@ import fcntl
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedlit.backbone import text_tower
+from fedlit.clip_text import encode_text_cut
 from fedlit.data.base import Preprocess
 from fedlit.data.shapes import (
     GENERATOR_VERSION,
@@ -33,6 +30,9 @@ from fedlit.data.shapes import (
     SHAPES_TEMPLATES,
     render_shapes,
 )
+from fedlit.errors import UserError
+from fedlit.io import atomic_write
+from fedlit.io import default_cache_dir as default_cache_dir  # re-exported: pretrain.default_cache_dir() still works
 
 # Bump when the training procedure changes in a way the recipe fields do not capture.
 FORMAT_VERSION = 1
@@ -89,11 +89,6 @@ def recipe_hash(recipe: ShapesClipRecipe) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_cache_dir() -> Path:
-    """``$FEDLIT_CACHE`` if set, else ``~/.cache/fedlit``."""
-    return Path(os.environ.get("FEDLIT_CACHE", "~/.cache/fedlit")).expanduser()
-
-
 def shapes_clip_path(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_RECIPE) -> Path:
     """Where the weights of ``recipe`` are cached."""
     return Path(cache_dir).expanduser() / f"shapes-clip-{recipe_hash(recipe)}.pt"
@@ -104,16 +99,6 @@ def normalize_images(images: Tensor, preprocess: Preprocess = SHAPES_CLIP_PREPRO
     mean = torch.tensor(preprocess.mean, dtype=images.dtype).view(1, 3, 1, 1)
     std = torch.tensor(preprocess.std, dtype=images.dtype).view(1, 3, 1, 1)
     return (images - mean) / std
-
-
-def encode_text_cut(model: open_clip.CLIP, tokens: Tensor) -> Tensor:
-    """``model.encode_text(tokens)`` ``(N, D)``, computed on the sequences cut after the last end token.
-
-    Exact for a causal text tower with argmax pooling: no position reads a later one, so the padding
-    after the end token never reaches the pooled row. Several times faster on short captions.
-    """
-    eot = tokens.argmax(-1)
-    return text_tower(model, model.token_embedding(tokens[:, : int(eot.max()) + 1]), eot)
 
 
 def _caption_tokens() -> Tensor:
@@ -206,14 +191,7 @@ def build_shapes_clip(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_
             "preprocess": asdict(SHAPES_CLIP_PREPROCESS),
             "state_dict": model.state_dict(),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(payload, f))
         if progress:
             print(f"[shapes-clip] built in {time.perf_counter() - start:.1f}s -> {path}", flush=True)
     return path
@@ -223,22 +201,15 @@ def load_shapes_clip(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_R
                      progress: bool = True) -> open_clip.CLIP:
     """The pretrained shapes CLIP of ``recipe`` in eval mode (built and cached on first use)."""
     path = build_shapes_clip(cache_dir, recipe, progress)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("recipe_hash") != recipe_hash(recipe):
-        raise ValueError(f"{path} does not hold the weights of this recipe; delete it to rebuild")
-    model = open_clip.CLIP(**payload["model_cfg"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("recipe_hash") != recipe_hash(recipe):
+            raise UserError(f"{path} does not hold the weights of this recipe; delete it to rebuild")
+        model = open_clip.CLIP(**payload["model_cfg"])
+        model.load_state_dict(payload["state_dict"])
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in torch.load or load_state_dict
+        raise UserError(f"cannot load the cached shapes-clip weights {path} ({type(err).__name__}); "
+                        "delete it to rebuild") from None
     return model.eval()
-
-
-@torch.no_grad()
-def zero_shot_accuracy(model: open_clip.CLIP, images: Tensor, labels: Tensor, classnames: Sequence[str],
-                       template: str = "a photo of a {}.", batch_size: int = 256) -> float:
-    """Top-1 accuracy of zero-shot classification of normalised ``images`` ``(N, 3, H, W)`` against
-    ``labels`` ``(N,)``, with one text prompt ``template.format(name)`` per class name."""
-    text = F.normalize(model.encode_text(open_clip.tokenize([template.format(c) for c in classnames])), dim=-1)
-    correct = 0
-    for chunk, target in zip(images.split(batch_size), torch.as_tensor(labels).split(batch_size)):
-        feats = F.normalize(model.encode_image(chunk), dim=-1)
-        correct += int(((feats @ text.T).argmax(-1) == target).sum())
-    return correct / max(1, len(images))

@@ -6,17 +6,20 @@ import torch
 from torch import Tensor
 
 from fedlit.backbone import Backbone
+from fedlit.errors import UserError
 from fedlit.modules import ZeroShotClient
 
 
 @torch.no_grad()
 def zero_shot_accuracy(backbone: Backbone, classnames: list[str], image_features: Tensor, labels: Tensor,
                        template: str = "a photo of a {}.") -> float:
-    """Top-1 accuracy of the hand prompt over normalised image features ``(N, D)`` with labels ``(N,)``."""
+    """Top-1 accuracy of the hand prompt ``template.format(classname)`` (the zero-shot client's classifier) over
+    normalised image features ``(N, D)`` (e.g. ``backbone.encode_image(images)``) with labels ``(N,)``: the one
+    zero-shot accuracy of fedlit (the sanity gate, the pretrained shapes CLIP's check)."""
     client = ZeroShotClient(backbone, classnames, template=template)
     features = image_features.to(client.text_features.device)
     predictions = client.logits_from(features, client.text_features).argmax(dim=-1).cpu()
-    return float((predictions == labels.cpu()).float().mean())
+    return int((predictions == torch.as_tensor(labels).cpu()).sum()) / max(1, len(predictions))
 
 
 def chance_threshold(num_classes: int) -> float:
@@ -25,9 +28,9 @@ def chance_threshold(num_classes: int) -> float:
 
 
 def check_zero_shot(accuracy: float, num_classes: int, dataset: str) -> None:
-    """Raise a one-line ValueError when ``accuracy`` is at chance level for ``num_classes`` classes."""
+    """Raise a one-line UserError when ``accuracy`` is at chance level for ``num_classes`` classes."""
     if accuracy <= chance_threshold(num_classes):
-        raise ValueError(
+        raise UserError(
             f"zero-shot accuracy of the pretrained backbone on {dataset} is {100 * accuracy:.1f}%, chance level for "
             f"{num_classes} classes: class names are probably misaligned with the label ids (or the weights are "
             "wrong); set backbone.sanity_check=false to run anyway"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fedlit import pretrain
+from fedlit.backbone import Backbone, load_backbone
 from fedlit.config import DataConfig
 from fedlit.data.base import Preprocess
 from fedlit.data.shapes import (
@@ -23,6 +24,8 @@ from fedlit.data.shapes import (
     generate_shapes,
     shapes_captions,
 )
+from fedlit.errors import UserError
+from fedlit.io import default_cache_dir
 from fedlit.pretrain import (
     DEFAULT_RECIPE,
     SHAPES_CLIP_PREPROCESS,
@@ -33,8 +36,9 @@ from fedlit.pretrain import (
     load_shapes_clip,
     normalize_images,
     recipe_hash,
-    zero_shot_accuracy,
+    shapes_clip_path,
 )
+from fedlit.sanity import zero_shot_accuracy
 
 TINY = ShapesClipRecipe(embed_dim=32, patch_size=8, vision_width=32, vision_layers=1, vision_head_width=16,
                         text_width=32, text_heads=2, text_layers=1, steps=3, batch_size=8, warmup_steps=1)
@@ -218,31 +222,51 @@ def test_load_rejects_a_file_of_another_recipe(tiny_file, tmp_path):
     payload = torch.load(tiny_file, weights_only=True)
     payload["recipe_hash"] = "0" * 16
     torch.save(payload, tmp_path / tiny_file.name)
-    with pytest.raises(ValueError, match="delete it to rebuild"):
+    with pytest.raises(UserError, match="delete it to rebuild"):
         load_shapes_clip(tmp_path, TINY)
 
 
-def test_zero_shot_accuracy_matches_a_direct_computation():
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY.model_cfg()).eval()
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04 truncated zip"])
+def test_load_rejects_a_corrupt_cached_file(tmp_path, content):
+    shapes_clip_path(tmp_path, TINY).write_bytes(content)
+    with pytest.raises(UserError, match=r"cannot load the cached shapes-clip weights .*shapes-clip-.*\.pt "
+                                        r"\(.*\); delete it to rebuild"):
+        load_shapes_clip(tmp_path, TINY)
+
+
+def test_default_cache_dir_honours_fedlit_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDLIT_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c" == pretrain.default_cache_dir()
+    monkeypatch.delenv("FEDLIT_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / ".cache" / "fedlit"
+
+
+def test_zero_shot_accuracy_matches_a_direct_computation(tiny_file):
+    """fedlit.sanity.zero_shot_accuracy (the one zero-shot accuracy) on the TINY recipe's CLIP equals open_clip's own
+    full-length encode_text / encode_image computation."""
+    model = load_shapes_clip(tiny_file.parent, TINY)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    backbone = Backbone(model, tokenizer, "shapes-clip", "tiny-recipe", SHAPES_CLIP_PREPROCESS)
     labels = torch.arange(32).repeat(2)
     images = normalize_images(generate_shapes(labels, 0))
     with torch.no_grad():
         text = model.encode_text(open_clip.tokenize([f"a {c}." for c in SHAPES_CLASSNAMES]))
         pred = (torch.nn.functional.normalize(model.encode_image(images), dim=-1)
                 @ torch.nn.functional.normalize(text, dim=-1).T).argmax(-1)
-    expected = (pred == labels).float().mean().item()
-    got = zero_shot_accuracy(model, images, labels, SHAPES_CLASSNAMES, "a {}.", batch_size=10)
-    assert got == pytest.approx(expected, abs=1e-9)
+    expected = (pred == labels).sum().item() / len(labels)
+    got = zero_shot_accuracy(backbone, SHAPES_CLASSNAMES, backbone.encode_image(images), labels, "a {}.")
+    assert got == expected
+    assert 0 < got < 1  # a real measurement: some right, some wrong
 
 
 @pytest.mark.slow
 def test_default_recipe_zero_shot_well_above_chance():
     """Builds (or reuses) the default backbone in the real cache dir; also warms the cache for later tests."""
-    model = load_shapes_clip(pretrain.default_cache_dir())
+    backbone = load_backbone("shapes-clip", cache_dir=default_cache_dir())
     labels = torch.arange(32).repeat_interleave(32)
     images = normalize_images(generate_shapes(labels, SHAPES_TEST_SEED))  # never seen in pretraining
-    accuracy = zero_shot_accuracy(model, images, labels, SHAPES_CLASSNAMES)
+    accuracy = zero_shot_accuracy(backbone, SHAPES_CLASSNAMES, backbone.encode_image(images), labels)
     assert accuracy >= 0.30, f"zero-shot {accuracy:.3f} on 32 classes (chance 0.031)"
 
 
@@ -255,3 +279,17 @@ def test_shapes_brightness_darkens_every_image_and_keys_the_transform():
     assert dark.transform_id != plain.transform_id
     with pytest.raises(ValueError, match="shapes_brightness must be in"):
         build_shapes(DataConfig(shapes_brightness=0.0), pre)
+
+
+def test_shapes_augment_makes_the_train_transform_random():
+    plain = build_shapes(DataConfig(train_per_class=2, test_per_class=1), SHAPES_CLIP_PREPROCESS)
+    aug = build_shapes(DataConfig(train_per_class=2, test_per_class=1, augment=True), SHAPES_CLIP_PREPROCESS)
+    assert aug.augmented is True and plain.augmented is False
+    assert aug.transform_id == plain.transform_id  # the (deterministic) test transform keys the feature cache
+    torch.manual_seed(0)
+    first, second = aug.train[5][0], aug.train[5][0]
+    assert first.shape == (3, 32, 32) and not torch.equal(first, second)
+    torch.manual_seed(0)
+    assert torch.equal(aug.train[5][0], first)  # the randomness is torch's global RNG
+    assert torch.equal(aug.test[3][0], plain.test[3][0])  # test images are never augmented
+    assert torch.equal(aug.train.images, plain.train.images)

@@ -17,6 +17,8 @@ from torchvision import transforms
 
 from fedlit.config import DataConfig
 from fedlit.data.base import DatasetBundle, LabeledImages, Preprocess
+from fedlit.data.transforms import train_transform
+from fedlit.errors import UserError
 
 # Bump when the rendering changes: it is part of the pretrained backbone's recipe hash.
 GENERATOR_VERSION = 1
@@ -141,26 +143,30 @@ def _split(per_class: int, seed: int, transform, brightness: float = 1.0) -> Sha
 
 def build_shapes(cfg: DataConfig, preprocess: Preprocess) -> DatasetBundle:
     """The shapes dataset: ``cfg.train_per_class`` train and ``cfg.test_per_class`` test images per class,
-    from fixed seeds (independent of the run seed), normalised (and resized) as ``preprocess`` asks."""
+    from fixed seeds (independent of the run seed), normalised (and resized) as ``preprocess`` asks. With
+    ``data.augment=true`` (default off) the train split gets the random train transform of the CLIP datasets
+    (random-resized-crop + horizontal flip + normalise)."""
     if not 0.0 < cfg.shapes_brightness <= 1.0:
-        raise ValueError(f"data.shapes_brightness must be in (0, 1] (got {cfg.shapes_brightness})")
+        raise UserError(f"data.shapes_brightness must be in (0, 1] (got {cfg.shapes_brightness})")
     if cfg.train_per_class < 1 or cfg.test_per_class < 1:
-        raise ValueError(f"data.train_per_class and data.test_per_class must be >= 1 "
-                         f"(got {cfg.train_per_class}, {cfg.test_per_class})")
+        raise UserError(f"data.train_per_class and data.test_per_class must be >= 1 "
+                        f"(got {cfg.train_per_class}, {cfg.test_per_class})")
     steps: list = []
     if preprocess.image_size != SHAPES_NATIVE_SIZE:
         mode = transforms.InterpolationMode(preprocess.interpolation)
         steps.append(transforms.Resize(preprocess.image_size, interpolation=mode, antialias=True))
     steps.append(transforms.Normalize(preprocess.mean, preprocess.std))
     transform = transforms.Compose(steps)
+    augment = bool(cfg.augment)
     transform_id = (f"shapes-v{GENERATOR_VERSION}-{SHAPES_NATIVE_SIZE}px-resize{preprocess.image_size}"
                     f"-{preprocess.interpolation}-mean{list(preprocess.mean)}-std{list(preprocess.std)}"
                     f"-brightness{cfg.shapes_brightness}")
     return DatasetBundle(
         name="shapes",
         classnames=list(SHAPES_CLASSNAMES),
-        train=_split(cfg.train_per_class, SHAPES_TRAIN_SEED, transform, cfg.shapes_brightness),
+        train=_split(cfg.train_per_class, SHAPES_TRAIN_SEED,
+                     train_transform(preprocess, True) if augment else transform, cfg.shapes_brightness),
         test=_split(cfg.test_per_class, SHAPES_TEST_SEED, transform, cfg.shapes_brightness),
         transform_id=transform_id,
-        augmented=False,
+        augmented=augment,
     )
