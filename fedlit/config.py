@@ -217,7 +217,7 @@ def _section_message(origin: str, key: str, section: type, value: Any) -> str:
     first = fields(section)[0].name
     got = "" if value is ... else f" (got {value!r})"
     return (f"{origin}'{key}' is a section, not a value{got}; set its keys instead, e.g. {key}.{first}="
-            f"{getattr(section(), first)!r}")
+            f"{getattr(section(), first)}")
 
 
 def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
@@ -278,6 +278,7 @@ def _check_sections(data: dict, cls: type, prefix: str, origin: str) -> dict:
             raise ConfigError(origin + _unknown_key_message(full))
         section = _section_type(by_name[key])
         if section is None:
+            _check_raw(full, str(by_name[key].type), value, origin)
             out[key] = value
         elif value is None:
             continue
@@ -288,8 +289,22 @@ def _check_sections(data: dict, cls: type, prefix: str, origin: str) -> dict:
     return out
 
 
-def _parse_override(item: str) -> DictConfig:
-    """One ``key=value`` override as a DictConfig; ConfigError for a malformed item or an unknown key."""
+def _check_raw(key: str, kind: str, value: Any, origin: str) -> None:
+    """Booleans as written: a boolean key takes only true/false (OmegaConf would turn 2 or "no" into one) and a
+    string key no boolean (``ctx_init: false`` is a mistake, not the word). Interpolations are checked resolved."""
+    if isinstance(value, str) and "${" in value:
+        return
+    kinds = kind.replace(" ", "").split("|")
+    if "bool" in kinds and value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{origin}bad value for '{key}': must be true or false (got {value!r})")
+    if "str" in kinds and isinstance(value, bool):
+        raise ConfigError(f"{origin}bad value for '{key}': must be a string, not the boolean {str(value).lower()}; "
+                          "quote it if you mean the word")
+
+
+def _parse_override(item: str) -> dict:
+    """One ``key=value`` override as a nested dict; ConfigError for a malformed item, an unknown key or a value
+    that YAML cannot parse."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value")
     key = item.split("=", 1)[0]
@@ -299,9 +314,12 @@ def _parse_override(item: str) -> DictConfig:
     if key not in valid_keys():
         raise ConfigError(_unknown_key_message(key))
     try:
-        return OmegaConf.from_dotlist([item])
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': {_yaml_problem(err)}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"override '{item}': {_first_line(err)}") from None
+    return _check_sections(parsed, Config, "", "override: ")  # type: ignore[arg-type]
 
 
 def _to_object(merged: DictConfig) -> Config:
