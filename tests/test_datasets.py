@@ -17,6 +17,7 @@ from fedlit.config import DataConfig
 from fedlit.data import datasets
 from fedlit.data.base import Preprocess
 from fedlit.data.registry import DATASET_NAMES, build_dataset
+from fedlit.errors import UserError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -92,16 +93,25 @@ def test_transform_bad_inputs():
 
 # ---------------------------------------------------------------------------------------------- CIFAR
 def cifar_batch(path: Path, labels: list[int], key: str = "labels", start: int = 0) -> np.ndarray:
-    """Write a CIFAR python batch; image i is constant (R, G, B) = (start+i, 100+start+i, 200)."""
+    """Write a CIFAR python batch as the real files are (a protocol-2 pickle of a dict with bytes keys and a uint8
+    array); image i is constant (R, G, B) = (start+i, 100+start+i, 200)."""
     n = len(labels)
     hwc = np.zeros((n, 32, 32, 3), dtype=np.uint8)
     for i in range(n):
         hwc[i] = (start + i, 100 + start + i, 200)
     data = hwc.transpose(0, 3, 1, 2).reshape(n, 3072)  # CIFAR rows: 1024 R, 1024 G, 1024 B
     path.parent.mkdir(parents=True, exist_ok=True)
+    batch = {b"batch_label": b"x", key.encode(): labels, b"data": data,
+             b"filenames": [f"img_{start + i}.png".encode() for i in range(n)]}
     with open(path, "wb") as f:
-        pickle.dump({"batch_label": "x", key: labels, "data": data}, f)
+        pickle.dump(batch, f, protocol=2)
     return hwc
+
+
+def cifar_meta(path: Path, key: str, names: list[str]) -> None:
+    """Write a CIFAR meta file (class names as bytes, as in the real files)."""
+    with open(path, "wb") as f:
+        pickle.dump({key.encode(): [n.encode() for n in names], b"num_vis": 3072}, f, protocol=2)
 
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -115,8 +125,7 @@ def make_cifar10(root: Path) -> dict[str, list[int]]:
         cifar_batch(folder / f"data_batch_{b + 1}", labels, start=2 * b)
         train += labels
     cifar_batch(folder / "test_batch", [9, 0, 4], start=50)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": CIFAR10_NAMES, "num_vis": 3072}, f)
+    cifar_meta(folder / "batches.meta", "label_names", CIFAR10_NAMES)
     return {"train": train, "test": [9, 0, 4]}
 
 
@@ -141,23 +150,21 @@ def test_cifar100_fine_labels_and_clean_names(tmp_path):
     folder = tmp_path / "cifar-100-python"
     cifar_batch(folder / "train", [0, 2, 1, 2], key="fine_labels")
     cifar_batch(folder / "test", [1], key="fine_labels")
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": ["apple", "aquarium_fish", "maple_tree"], "coarse_label_names": []},
-                    f)
+    cifar_meta(folder / "meta", "fine_label_names", ["apple", "aquarium_fish", "maple_tree"])
     b = build_dataset(cfg("cifar100", tmp_path), PRE)
     assert b.classnames == ["apple", "aquarium fish", "maple tree"]
     assert b.train.targets.tolist() == [0, 2, 1, 2] and b.test.targets.tolist() == [1]
 
 
 def test_cifar_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"expected .*cifar-10-batches-py; set data.download=true"):
+    with pytest.raises(UserError, match=r"expected .*cifar-10-batches-py; set data.download=true"):
         build_dataset(cfg("cifar10", tmp_path), PRE)
     make_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match=r"cannot read .*test_batch: not a CIFAR python pickle"):
         build_dataset(cfg("cifar10", tmp_path), PRE)
     (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
-    with pytest.raises(FileNotFoundError, match=r"CIFAR-10 file not found: .*test_batch"):
+    with pytest.raises(UserError, match=r"CIFAR-10 file not found: .*test_batch"):
         build_dataset(cfg("cifar10", tmp_path), PRE)
 
 
@@ -211,7 +218,7 @@ def test_caltech101_coop_split_file(tmp_path):
 def test_coop_layout_without_split_file_and_bad_split_files(tmp_path):
     folder = tmp_path / "oxford_flowers"
     write_image(folder / "jpg" / "image_00001.jpg")
-    with pytest.raises(FileNotFoundError, match="has CoOp's layout but no split_zhou_OxfordFlowers.json"):
+    with pytest.raises(UserError, match="has CoOp's layout but no split_zhou_OxfordFlowers.json"):
         build_dataset(cfg("flowers102", tmp_path), PRE)
     split = folder / "split_zhou_OxfordFlowers.json"
     split.write_text("{not json")
@@ -224,7 +231,7 @@ def test_coop_layout_without_split_file_and_bad_split_files(tmp_path):
     with pytest.raises(ValueError, match=r"labels are not 0..C-1 \(no sample of label\(s\) \[1\]\)"):
         build_dataset(cfg("flowers102", tmp_path), PRE)
     write_split(split, {"train": [["missing.jpg", 0, "a"]], "test": [["image_00001.jpg", 0, "a"]]})
-    with pytest.raises(FileNotFoundError, match=r"missing.jpg \(listed in .*\) not found: .* relative to"):
+    with pytest.raises(UserError, match=r"missing.jpg \(listed in .*\) not found: .* relative to"):
         build_dataset(cfg("flowers102", tmp_path), PRE)
 
 
@@ -245,7 +252,7 @@ def test_oxford_pets_annotation_files(tmp_path):
     assert b.train.targets.tolist() == [0, 1, 2, 0] and b.test.targets.tolist() == [1, 2]
     assert Path(b.test.paths[0]).name == "american_bulldog_2.jpg"
     (folder / "annotations" / "test.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"OxfordPets file not found: .*annotations/test.txt"):
+    with pytest.raises(UserError, match=r"OxfordPets file not found: .*annotations/test.txt"):
         build_dataset(cfg("oxford_pets", tmp_path), PRE)
 
 
@@ -269,14 +276,14 @@ def test_flowers102_coop_split_file(tmp_path):
     assert b.classnames == ["pink primrose", "hard-leaved pocket orchid"]
     assert b.train.targets.tolist() == [1, 0] and len(b.test) == 1
     # use_split_file=false: the official .mat files are required instead
-    with pytest.raises((FileNotFoundError, ImportError), match=r"imagelabels.mat"):
+    with pytest.raises(UserError, match=r"imagelabels.mat"):
         build_dataset(cfg("flowers102", tmp_path, use_split_file=False), PRE)
 
 
 def test_flowers102_without_scipy_says_how(tmp_path, monkeypatch):
     write_image(tmp_path / "flowers-102" / "jpg" / "image_00001.jpg")
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # makes `from scipy.io import ...` fail
-    with pytest.raises(ImportError, match=r"imagelabels.mat needs scipy \(pip install scipy\), or put CoOp"):
+    with pytest.raises(UserError, match=r"imagelabels.mat needs scipy \(pip install scipy\), or put CoOp"):
         build_dataset(cfg("flowers102", tmp_path), PRE)
 
 
@@ -335,7 +342,7 @@ def test_corrupt_image_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read image .*apple_pie/2.jpg: corrupt or not an image"):
         b.test[i]
     bad.unlink()
-    with pytest.raises(FileNotFoundError, match=r"image file not found: .*apple_pie/2.jpg"):
+    with pytest.raises(UserError, match=r"image file not found: .*apple_pie/2.jpg"):
         b.test[i]
 
 
@@ -392,7 +399,7 @@ def test_domainnet_lists_filtered_and_relabelled_by_name(tmp_path):
     assert Path(b.test.paths[4]).name == "real_test_0.jpg"
     assert b.augmented is False and b.train[0][0].shape == (3, 32, 32)
     (folder / "sketch_test.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"DomainNet list not found: .*sketch_test.txt; .*ai.bu.edu"):
+    with pytest.raises(UserError, match=r"DomainNet list not found: .*sketch_test.txt; .*ai.bu.edu"):
         build_dataset(cfg("domainnet", tmp_path), PRE)
     (folder / "sketch_test.txt").write_text("sketch/aircraft_carrier/x.jpg 0\n")
     with pytest.raises(ValueError, match=r"sketch_test.txt lists no image of the classes bird, feather"):
@@ -430,7 +437,7 @@ def test_office_caltech10_list_files(tmp_path):
     make_office(tmp_path, per_class=2)
     folder = tmp_path / "office_caltech10"
     (folder / "dslr_train.txt").write_text("dslr/mug/0.png 7\ndslr/bike/0.png 0\ndslr/bike/1.png 0\n")
-    with pytest.raises(FileNotFoundError, match=r"dslr_test.txt is missing while .*dslr_train.txt exists"):
+    with pytest.raises(UserError, match=r"dslr_test.txt is missing while .*dslr_train.txt exists"):
         build_dataset(cfg("office_caltech10", tmp_path), PRE)
     (folder / "dslr_test.txt").write_text("dslr/mug/1.png 7\n")
     b = build_dataset(cfg("office_caltech10", tmp_path), PRE)
@@ -457,7 +464,7 @@ EXPECTED_PATHS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-pytho
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PATHS))
 def test_missing_root_names_path_and_remedy(tmp_path, name):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UserError) as err:
         build_dataset(cfg(name, tmp_path / "nowhere"), PRE)
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "nowhere" / EXPECTED_PATHS[name]) in message

@@ -19,6 +19,7 @@ from fedlit.data.partition import (
     partition_pathological,
     save_manifest,
 )
+from fedlit.errors import UserError
 
 
 def labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -109,6 +110,30 @@ def test_dirichlet_raises_when_min_size_is_unreachable():
         partition_dirichlet(train, test, num_clients=10, alpha=0.5, seed=0, min_size=40)
 
 
+@pytest.mark.parametrize("min_size", [0, -3])
+def test_dirichlet_and_domain_refuse_a_min_size_that_allows_empty_clients(min_size):
+    train, test = labels(10, 30), labels(10, 30)
+    with pytest.raises(UserError, match=f"data.min_size={min_size} would allow a client with no train sample"):
+        partition_dirichlet(train, test, num_clients=10, alpha=0.5, seed=0, min_size=min_size)
+    d_train, d_test, d_train_dom, d_test_dom = domain_data()
+    with pytest.raises(UserError, match="set data.min_size >= 1"):
+        partition_domain(d_train, d_test, d_train_dom, d_test_dom, num_clients=6, min_size=min_size)
+
+
+def test_dirichlet_with_min_size_one_gives_every_client_a_train_sample():
+    # alpha = 0.05 puts nearly all of a class on one client: some draws leave a client empty (1 first draw in
+    # these 10 seeds) and are redrawn
+    train, test = labels(10, 30), labels(10, 30)
+    smallest = []
+    for seed in range(10):
+        part = partition_dirichlet(train, test, num_clients=10, alpha=0.05, seed=seed, min_size=1)
+        assert_disjoint_cover(part.train_indices, 300)
+        smallest.append(min(part.train_sizes()))
+        assert min(part.test_sizes()) >= 1
+    assert min(smallest) >= 1
+    assert min(smallest) < 10  # the skew is real: some client is down to a handful of samples
+
+
 # --------------------------------------------------------------------------------------- pathological
 
 
@@ -174,6 +199,14 @@ def test_pathological_too_few_images_for_shots():
         partition_pathological(train, test, 2, seed=0, shots=16, classnames=["a", "b", "c", "dog"])
     with pytest.raises(ValueError, match="data.shots=16 but class id 3 has only 5 train images"):
         partition_pathological(train, test, 2, seed=0, shots=16)
+
+
+def test_pathological_refuses_a_client_whose_classes_have_no_train_image():
+    # 4 classes over 2 clients (2 each), only class 0 has train images: the client without class 0 gets nothing
+    train, test = labels(1, 10), labels(4, 2)
+    with pytest.raises(UserError, match=r"pathological split: client [01] owns only classes without train images "
+                                        r"\((b|c|d), (b|c|d)\)"):
+        partition_pathological(train, test, 2, seed=0, shots=None, num_classes=4, classnames=["a", "b", "c", "d"])
 
 
 # --------------------------------------------------------------------------------------------- domain
@@ -287,7 +320,7 @@ def test_manifest_from_other_labels_or_missing_is_refused(tmp_path):
     save_manifest(partition_iid(train, test, 3, seed=0), path, train, test)
     with pytest.raises(ValueError, match="made from other train labels"):
         load_manifest(path, shuffled_labels(5, 30, 9), test)
-    with pytest.raises(FileNotFoundError, match="partition manifest not found"):
+    with pytest.raises(UserError, match="partition manifest not found"):
         load_manifest(tmp_path / "missing.json")
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read partition manifest"):

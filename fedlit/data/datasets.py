@@ -20,7 +20,9 @@ domainnet          ``domainnet/<domain>/<class>/*.jpg`` + ``domainnet/<domain>_{
 office_caltech10   ``office_caltech10/<domain>/<class>/*.jpg`` (+ optional ``<domain>_{train,test}.txt``)
 =================  =====================================================================================
 
-``data.download=true`` lets torchvision download the datasets it knows (all but DomainNet and Office).
+``data.download=true`` lets torchvision download the datasets it knows (all but DomainNet and Office). CIFAR
+batches are python pickles: they are read by :class:`CifarUnpickler`, which admits numpy array reconstruction and
+nothing else, so a crafted file cannot run code (torchvision's own CIFAR loader, plain pickle, is never used).
 
 Splits. With a CoOp split file in the dataset folder (and ``data.use_split_file``), its "train" list is the
 train split and its "test" list the test split ("val" is unused), with the file's labels and class names;
@@ -40,6 +42,7 @@ to change it).
 
 from __future__ import annotations
 
+import codecs
 import json
 import pickle
 from collections.abc import Callable, Sequence
@@ -53,6 +56,7 @@ from PIL import Image
 from fedlit.config import DataConfig
 from fedlit.data.base import DatasetBundle, LabeledImages, Preprocess
 from fedlit.data.transforms import test_transform, train_transform, transform_id
+from fedlit.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -128,9 +132,9 @@ def load_rgb(path: str | Path) -> Image.Image:
             image = Image.open(handle)
             return image.convert("RGB")
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
+        raise UserError(f"image file not found: {path}") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL reports corrupt data as any of these
-        raise ValueError(f"cannot read image {path}: corrupt or not an image ({err})") from None
+        raise UserError(f"cannot read image {path}: corrupt or not an image ({err})") from None
 
 
 def _clean(name: str) -> str:
@@ -159,7 +163,7 @@ def _ordered_names(names: dict[int, str], source: str) -> list[str]:
     """``{label: name}`` -> names ordered by label; labels must be exactly 0..C-1."""
     if sorted(names) != list(range(len(names))):
         missing = sorted(set(range(max(names, default=-1) + 1)) - set(names))
-        raise ValueError(f"{source}: labels are not 0..C-1 (no sample of label(s) {missing[:5]})")
+        raise UserError(f"{source}: labels are not 0..C-1 (no sample of label(s) {missing[:5]})")
     return [names[i] for i in range(len(names))]
 
 
@@ -183,18 +187,62 @@ _CIFAR100 = _CifarSpec("CIFAR-100", "cifar-100-python", ("train",), ("test",), "
                        "fine_labels", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz")
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of ``bytes`` use it (``encode(text, 'latin1')``), and nothing else."""
+    if codecs.lookup(encoding).name != "iso8859-1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not a pickled bytes object")
+    return codecs.encode(text, encoding, errors)
+
+
+# What CIFAR python batches hold: dicts of str/bytes, lists and ints, and uint8 numpy arrays (written by Python 2's
+# cPickle, so numpy's pre-2.0 module path; or by Python 3 with protocol 2, so bytes come through _codecs.encode).
+_NUMPY_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]
+CIFAR_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR python batch and nothing else: any global other than the numpy array reconstruction of
+    :data:`CIFAR_PICKLE_GLOBALS` (e.g. ``os.system`` in a crafted file) raises a :class:`UserError` naming the file
+    before anything is called. Python 2 strings are decoded as latin-1, as torchvision does."""
+
+    def __init__(self, handle: Any, path: Path):
+        super().__init__(handle, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        """The allowed object for ``module.name``; a UserError for anything else."""
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise UserError(f"refusing to unpickle {module}.{name} from {self.path}: not a CIFAR batch "
+                            "(replace the file with the official one)")
+        return CIFAR_PICKLE_GLOBALS[(module, name)]
+
+
+def load_cifar_pickle(path: str | Path) -> Any:
+    """The object in the CIFAR python batch ``path``, read by :class:`CifarUnpickler` (never plain pickle)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        return CifarUnpickler(handle, path).load()
+
+
 def _unpickle(path: Path, spec: _CifarSpec) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"{spec.title} file not found: {path}; set data.download=true or extract "
-                                f"{spec.url} into {path.parent.parent}")
+        raise UserError(f"{spec.title} file not found: {path}; set data.download=true or extract "
+                        f"{spec.url} into {path.parent.parent}")
     try:
-        with open(path, "rb") as handle:
-            obj = pickle.load(handle, encoding="latin1")
+        obj = load_cifar_pickle(path)
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001 - unpickling fails in many ways on a corrupt file
-        raise ValueError(f"cannot read {path}: not a CIFAR python pickle "
-                         f"({type(err).__name__}: {err})") from None
+        raise UserError(f"cannot read {path}: not a CIFAR python pickle "
+                        f"({type(err).__name__}: {err})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"cannot read {path}: expected a pickled dict, got {type(obj).__name__}")
+        raise UserError(f"cannot read {path}: expected a pickled dict, got {type(obj).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
@@ -207,10 +255,10 @@ def _cifar_split(folder: Path, files: tuple[str, ...], spec: _CifarSpec) -> tupl
             data = np.asarray(batch["data"], dtype=np.uint8)
             batch_labels = [int(v) for v in batch[spec.labels_key]]
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"cannot read {path}: missing or bad field {err}") from None
+            raise UserError(f"cannot read {path}: missing or bad field {err}") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(batch_labels) != len(data):
-            raise ValueError(f"cannot read {path}: expected data (N, 3072) and N labels, got data "
-                             f"{data.shape} and {len(batch_labels)} labels")
+            raise UserError(f"cannot read {path}: expected data (N, 3072) and N labels, got data "
+                            f"{data.shape} and {len(batch_labels)} labels")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.extend(batch_labels)
     return np.ascontiguousarray(np.concatenate(images)), labels
@@ -221,21 +269,29 @@ def _build_cifar(cfg: DataConfig, pre: Preprocess, spec: _CifarSpec, tv_class: s
     folder = root / spec.folder
     if not folder.is_dir():
         if not cfg.download:
-            raise FileNotFoundError(f"{spec.title} not found: expected {folder}; set data.download=true to "
-                                    f"download it, or extract {spec.url} into {root}")
-        _torchvision_download(spec.title, root, lambda tv: getattr(tv, tv_class)(str(root), download=True))
+            raise UserError(f"{spec.title} not found: expected {folder}; set data.download=true to "
+                            f"download it, or extract {spec.url} into {root}")
+        _torchvision_download(spec.title, root, lambda tv: _fetch_cifar_archive(getattr(tv, tv_class), root))
     meta_path = folder / spec.meta_file
     meta = _unpickle(meta_path, spec)
     if spec.names_key not in meta:
-        raise ValueError(f"cannot read {meta_path}: no '{spec.names_key}' entry")
+        raise UserError(f"cannot read {meta_path}: no '{spec.names_key}' entry")
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec.names_key]]
     train_x, train_y = _cifar_split(folder, spec.train_files, spec)
     test_x, test_y = _cifar_split(folder, spec.test_files, spec)
     for path, labels in ((folder / spec.train_files[0], train_y), (folder / spec.test_files[0], test_y)):
         if labels and not 0 <= min(labels) <= max(labels) < len(names):
-            raise ValueError(f"{path}: labels outside 0..{len(names) - 1} of {meta_path}")
+            raise UserError(f"{path}: labels outside 0..{len(names) - 1} of {meta_path}")
     return _bundle(cfg, pre, [_clean(n) for n in names], ArrayImages(train_x, train_y),
                    ArrayImages(test_x, test_y), augment_default=False)
+
+
+def _fetch_cifar_archive(tv_dataset: Any, root: Path) -> None:
+    """Download and extract torchvision's CIFAR archive (its URL and md5) into ``root`` without constructing the
+    torchvision dataset, which would unpickle the batches with plain pickle."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    download_and_extract_archive(tv_dataset.url, str(root), filename=tv_dataset.filename, md5=tv_dataset.tgz_md5)
 
 
 def build_cifar10(cfg: DataConfig, preprocess: Preprocess) -> DatasetBundle:
@@ -256,8 +312,8 @@ def _torchvision_download(title: str, root: Path, fetch: Callable[[Any], Any]) -
     try:
         fetch(tv)
     except Exception as err:  # noqa: BLE001 - network, checksum and archive errors of many kinds
-        raise FileNotFoundError(f"downloading {title} into {root} failed ({type(err).__name__}: "
-                                f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        raise UserError(f"downloading {title} into {root} failed ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 # -------------------------------------------------------------------------------- CLIP datasets (CoOp)
@@ -285,10 +341,10 @@ def read_split_file(path: Path, image_dir: Path) -> tuple[Split, Split, list[str
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"cannot read CoOp split file {path}: {err}") from None
+        raise UserError(f"cannot read CoOp split file {path}: {err}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "test")):
-        raise ValueError(f"cannot read CoOp split file {path}: expected a JSON object with 'train' and "
-                         "'test' lists of [relpath, label, classname]")
+        raise UserError(f"cannot read CoOp split file {path}: expected a JSON object with 'train' and "
+                        "'test' lists of [relpath, label, classname]")
     names: dict[int, str] = {}
     splits: dict[str, Split] = {}
     for key in ("train", "val", "test"):
@@ -296,12 +352,12 @@ def read_split_file(path: Path, image_dir: Path) -> tuple[Split, Split, list[str
         for entry in data.get(key) or []:
             if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
                     and isinstance(entry[1], int) and isinstance(entry[2], str)):
-                raise ValueError(f"cannot read CoOp split file {path}: bad '{key}' entry {entry!r} "
-                                 "(expected [relpath, label, classname])")
+                raise UserError(f"cannot read CoOp split file {path}: bad '{key}' entry {entry!r} "
+                                "(expected [relpath, label, classname])")
             rel, label, name = entry
             if names.setdefault(label, name) != name:
-                raise ValueError(f"CoOp split file {path}: label {label} is named both "
-                                 f"'{names[label]}' and '{name}'")
+                raise UserError(f"CoOp split file {path}: label {label} is named both "
+                                f"'{names[label]}' and '{name}'")
             paths.append(str(image_dir / rel))
             labels.append(label)
         splits[key] = (paths, labels)
@@ -309,10 +365,10 @@ def read_split_file(path: Path, image_dir: Path) -> tuple[Split, Split, list[str
     for key in ("train", "test"):
         first = splits[key][0][:1]
         if not first:
-            raise ValueError(f"CoOp split file {path}: the '{key}' list is empty")
+            raise UserError(f"CoOp split file {path}: the '{key}' list is empty")
         if not Path(first[0]).is_file():
-            raise FileNotFoundError(f"{first[0]} (listed in {path}) not found: the split's paths are "
-                                    f"relative to {image_dir}")
+            raise UserError(f"{first[0]} (listed in {path}) not found: the split's paths are "
+                            f"relative to {image_dir}")
     return splits["train"], splits["test"], classnames
 
 
@@ -337,16 +393,16 @@ def _wrap_torchvision(fetch: Callable[[], Any], files: str) -> Any:
     try:
         return fetch()
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"missing file {err.filename or err} (needed: {files})") from None
+        raise UserError(f"missing file {err.filename or err} (needed: {files})") from None
     except (ValueError, KeyError, IndexError, RuntimeError, UnicodeDecodeError, OSError) as err:
-        raise ValueError(f"cannot read {files}: {type(err).__name__}: {err}") from None
+        raise UserError(f"cannot read {files}: {type(err).__name__}: {err}") from None
 
 
 def _require_files(spec: _ClipSpec, paths: Sequence[Path]) -> None:
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"{spec.title} file not found: {path}; set data.download=true or get the "
-                                    f"dataset from {spec.url}")
+            raise UserError(f"{spec.title} file not found: {path}; set data.download=true or get the "
+                            f"dataset from {spec.url}")
 
 
 def _build_clip(cfg: DataConfig, pre: Preprocess, spec: _ClipSpec,
@@ -356,19 +412,19 @@ def _build_clip(cfg: DataConfig, pre: Preprocess, spec: _ClipSpec,
     layout = _find_layout(root, spec)
     if layout is None:
         if not cfg.download:
-            raise FileNotFoundError(_missing_message(root, spec))
+            raise UserError(_missing_message(root, spec))
         _torchvision_download(spec.title, root, lambda tv: download(tv, root))
         layout = _find_layout(root, spec)
         if layout is None:
-            raise FileNotFoundError(f"{_missing_message(root, spec)} (still missing after the download)")
+            raise UserError(f"{_missing_message(root, spec)} (still missing after the download)")
     folder = root / layout.folder
     split_path = folder / spec.split_file
     if cfg.use_split_file and split_path.is_file():
         train, test, classnames = read_split_file(split_path, folder / layout.images)
     elif not layout.torchvision:
-        raise FileNotFoundError(f"{spec.title}: {folder} has CoOp's layout but no {spec.split_file}; put "
-                                f"CoOp's split file there (and set data.use_split_file=true) or use "
-                                f"torchvision's layout {root / spec.layouts[0].folder}")
+        raise UserError(f"{spec.title}: {folder} has CoOp's layout but no {spec.split_file}; put "
+                        f"CoOp's split file there (and set data.use_split_file=true) or use "
+                        f"torchvision's layout {root / spec.layouts[0].folder}")
     else:
         train, test, classnames = read_official(root)
     return _bundle(cfg, pre, classnames, FileImages(*train), FileImages(*test), augment_default=True)
@@ -448,15 +504,15 @@ def _loadmat(path: Path) -> dict[str, Any]:
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise ImportError(f"reading {path} needs scipy (pip install scipy), or put CoOp's "
-                          f"{_FLOWERS.split_file} in {path.parent}") from None
+        raise UserError(f"reading {path} needs scipy (pip install scipy), or put CoOp's "
+                        f"{_FLOWERS.split_file} in {path.parent}") from None
     if not path.is_file():
-        raise FileNotFoundError(f"Flowers102 file not found: {path}; set data.download=true or get it from "
-                                f"{_FLOWERS.url}")
+        raise UserError(f"Flowers102 file not found: {path}; set data.download=true or get it from "
+                        f"{_FLOWERS.url}")
     try:
         return loadmat(str(path), squeeze_me=True)
     except Exception as err:  # noqa: BLE001 - scipy raises many kinds on a corrupt file
-        raise ValueError(f"cannot read {path}: not a MATLAB file ({type(err).__name__}: {err})") from None
+        raise UserError(f"cannot read {path}: not a MATLAB file ({type(err).__name__}: {err})") from None
 
 
 def _flowers_official(root: Path) -> tuple[Split, Split, list[str]]:
@@ -466,18 +522,18 @@ def _flowers_official(root: Path) -> tuple[Split, Split, list[str]]:
     try:
         labels = np.asarray(_loadmat(labels_path)["labels"], dtype=np.int64).reshape(-1) - 1
     except KeyError:
-        raise ValueError(f"cannot read {labels_path}: no 'labels' variable") from None
+        raise UserError(f"cannot read {labels_path}: no 'labels' variable") from None
     setid = _loadmat(setid_path)
     try:
         ids = {k: np.asarray(setid[k], dtype=np.int64).reshape(-1) for k in ("trnid", "valid", "tstid")}
     except KeyError as err:
-        raise ValueError(f"cannot read {setid_path}: no {err} variable") from None
+        raise UserError(f"cannot read {setid_path}: no {err} variable") from None
     if labels.size and not 0 <= labels.min() <= labels.max() < len(FLOWERS102_CLASSNAMES):
-        raise ValueError(f"{labels_path}: labels outside 1..{len(FLOWERS102_CLASSNAMES)}")
+        raise UserError(f"{labels_path}: labels outside 1..{len(FLOWERS102_CLASSNAMES)}")
 
     def split(image_ids: np.ndarray) -> Split:
         if image_ids.size and not 1 <= image_ids.min() <= image_ids.max() <= len(labels):
-            raise ValueError(f"{setid_path}: image ids outside 1..{len(labels)} of {labels_path}")
+            raise UserError(f"{setid_path}: image ids outside 1..{len(labels)} of {labels_path}")
         return ([str(folder / "jpg" / f"image_{i:05d}.jpg") for i in image_ids.tolist()],
                 labels[image_ids - 1].tolist())
 
@@ -542,7 +598,7 @@ def read_domain_list(path: Path, base: Path, classes: Sequence[str]) -> Split:
     try:
         lines = path.read_text().splitlines()
     except UnicodeDecodeError as err:
-        raise ValueError(f"cannot read {path}: {err}") from None
+        raise UserError(f"cannot read {path}: {err}") from None
     paths, labels = [], []
     for number, line in enumerate(lines, 1):
         fields = line.split()
@@ -550,15 +606,15 @@ def read_domain_list(path: Path, base: Path, classes: Sequence[str]) -> Split:
             continue
         parts = PurePosixPath(fields[0]).parts
         if len(fields) > 2 or len(parts) < 2:
-            raise ValueError(f"{path}:{number}: expected 'domain/class/file.jpg label', got '{line.strip()}'")
+            raise UserError(f"{path}:{number}: expected 'domain/class/file.jpg label', got '{line.strip()}'")
         if parts[-2] in index:
             paths.append(str(base.joinpath(*parts)))
             labels.append(index[parts[-2]])
     if not paths:
-        raise ValueError(f"{path} lists no image of the classes {', '.join(classes)}")
+        raise UserError(f"{path} lists no image of the classes {', '.join(classes)}")
     if not Path(paths[0]).is_file():
-        raise FileNotFoundError(f"{paths[0]} (listed in {path}) not found: the image folders must sit next "
-                                "to the list files")
+        raise UserError(f"{paths[0]} (listed in {path}) not found: the image folders must sit next "
+                        "to the list files")
     return paths, labels
 
 
@@ -582,15 +638,15 @@ def build_domainnet(cfg: DataConfig, preprocess: Preprocess) -> DatasetBundle:
     folder = _root(cfg) / "domainnet"
     how = f"get the images and lists from {DOMAINNET_URL} (torchvision cannot download DomainNet)"
     if not folder.is_dir():
-        raise FileNotFoundError(f"DomainNet not found: expected {folder}/<domain>/<class>/*.jpg with "
-                                f"{folder}/<domain>_train.txt and <domain>_test.txt; {how}")
+        raise UserError(f"DomainNet not found: expected {folder}/<domain>/<class>/*.jpg with "
+                        f"{folder}/<domain>_train.txt and <domain>_test.txt; {how}")
     splits = []
     for domain in DOMAINNET_DOMAINS:
         pair = []
         for split in ("train", "test"):
             path = folder / f"{domain}_{split}.txt"
             if not path.is_file():
-                raise FileNotFoundError(f"DomainNet list not found: {path}; {how}")
+                raise UserError(f"DomainNet list not found: {path}; {how}")
             pair.append(read_domain_list(path, folder, DOMAINNET_CLASSES))
         splits.append((pair[0], pair[1]))
     return _domain_bundle(cfg, preprocess, DOMAINNET_CLASSES, DOMAINNET_DOMAINS, splits)
@@ -602,8 +658,8 @@ def _office_folder_split(folder: Path, domain_id: int) -> tuple[Split, Split]:
     for label, cls in enumerate(OFFICE_CLASSES):
         class_dir = folder / cls
         if not class_dir.is_dir():
-            raise FileNotFoundError(f"Office-Caltech10 class folder not found: {class_dir}; expected "
-                                    f"<domain>/<class>/ for the classes {', '.join(OFFICE_CLASSES)}")
+            raise UserError(f"Office-Caltech10 class folder not found: {class_dir}; expected "
+                            f"<domain>/<class>/ for the classes {', '.join(OFFICE_CLASSES)}")
         files = sorted(str(p) for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         order = np.random.default_rng([0, domain_id, label]).permutation(len(files))
         n_test = (len(files) + 2) // 5  # 20 %, rounded half up
@@ -622,8 +678,8 @@ def build_office_caltech10(cfg: DataConfig, preprocess: Preprocess) -> DatasetBu
     for domain_id, domain in enumerate(OFFICE_DOMAINS):
         domain_dir = folder / domain
         if not domain_dir.is_dir():
-            raise FileNotFoundError(f"Office-Caltech10 not found: expected {domain_dir}/<class>/*.jpg "
-                                    f"(domains {', '.join(OFFICE_DOMAINS)} under {folder}); {how}")
+            raise UserError(f"Office-Caltech10 not found: expected {domain_dir}/<class>/*.jpg "
+                            f"(domains {', '.join(OFFICE_DOMAINS)} under {folder}); {how}")
         lists = [folder / f"{domain}_{split}.txt" for split in ("train", "test")]
         present = [p.is_file() for p in lists]
         if all(present):
@@ -631,8 +687,8 @@ def build_office_caltech10(cfg: DataConfig, preprocess: Preprocess) -> DatasetBu
             splits.append((pair[0], pair[1]))
         elif any(present):
             missing, found = lists[present.index(False)], lists[present.index(True)]
-            raise FileNotFoundError(f"Office-Caltech10: {missing} is missing while {found} exists; provide "
-                                    "both lists or neither (then a seeded 80/20 split is used)")
+            raise UserError(f"Office-Caltech10: {missing} is missing while {found} exists; provide "
+                            "both lists or neither (then a seeded 80/20 split is used)")
         else:
             splits.append(_office_folder_split(domain_dir, domain_id))
     return _domain_bundle(cfg, preprocess, OFFICE_CLASSES, OFFICE_DOMAINS, splits)

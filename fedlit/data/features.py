@@ -8,7 +8,6 @@ when given a directory, on disk (memory-mapped on load) so that a sweep computes
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -16,6 +15,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fedlit.backbone import Backbone
+from fedlit.errors import UserError
+from fedlit.io import atomic_write
 
 
 @torch.no_grad()
@@ -47,13 +48,23 @@ class FeatureCache:
             return self._memory[key]
         path = self.directory / f"{key}.pt" if self.directory else None
         if path is not None and path.is_file():
-            features = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            features = _load_features(path)
         else:
             features = compute()
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-                torch.save(features, tmp)
-                os.replace(tmp, path)
+                atomic_write(path, lambda f: torch.save(features, f))
         self._memory[key] = features
         return features
+
+
+def _load_features(path: Path) -> Tensor:
+    """The tensor cached at ``path`` (memory-mapped); a corrupt or foreign file raises a UserError naming it."""
+    try:
+        features = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+        raise UserError(f"cannot read the cached features {path} ({type(err).__name__}); delete it to "
+                        "recompute them") from None
+    if not isinstance(features, Tensor):
+        raise UserError(f"the cached features {path} hold a {type(features).__name__}, not a tensor; delete it to "
+                        "recompute them")
+    return features

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +19,8 @@ import numpy as np
 
 from fedlit.config import DataConfig
 from fedlit.data.base import DatasetBundle
+from fedlit.errors import UserError
+from fedlit.io import atomic_write
 
 MANIFEST_FORMAT = "fedlit-partition/1"
 
@@ -44,11 +44,11 @@ class Partition:
 
     def __post_init__(self) -> None:
         if len(self.train_indices) != len(self.test_indices):
-            raise ValueError(f"partition has {len(self.train_indices)} train but {len(self.test_indices)} "
-                             "test index lists; every client needs one of each")
+            raise UserError(f"partition has {len(self.train_indices)} train but {len(self.test_indices)} "
+                            "test index lists; every client needs one of each")
         if self.client_domains is not None and len(self.client_domains) != len(self.train_indices):
-            raise ValueError(f"client_domains has {len(self.client_domains)} entries for "
-                             f"{len(self.train_indices)} clients")
+            raise UserError(f"client_domains has {len(self.client_domains)} entries for "
+                            f"{len(self.train_indices)} clients")
         self.train_indices = [np.sort(np.asarray(idx, dtype=np.int64)) for idx in self.train_indices]
         self.test_indices = [np.sort(np.asarray(idx, dtype=np.int64)) for idx in self.test_indices]
         if self.client_domains is not None:
@@ -105,12 +105,12 @@ class Partition:
 def _as_labels(values: Any, name: str) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of integer ids (got shape {arr.shape})")
+        raise UserError(f"{name} must be a 1-D array of integer ids (got shape {arr.shape})")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer ids (got dtype {arr.dtype})")
+        raise UserError(f"{name} must hold integer ids (got dtype {arr.dtype})")
     arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
-        raise ValueError(f"{name} must be non-negative (found {arr.min()})")
+        raise UserError(f"{name} must be non-negative (found {arr.min()})")
     return arr
 
 
@@ -118,11 +118,11 @@ def _histogram(indices: list[np.ndarray], targets: np.ndarray, num_classes: int,
     counts = np.zeros((len(indices), num_classes), dtype=np.int64)
     for i, idx in enumerate(indices):
         if idx.size and idx[-1] >= len(targets):
-            raise ValueError(f"client {i} holds {split} index {idx[-1]} but the {split} split has only "
-                             f"{len(targets)} samples; the partition belongs to another dataset")
+            raise UserError(f"client {i} holds {split} index {idx[-1]} but the {split} split has only "
+                            f"{len(targets)} samples; the partition belongs to another dataset")
         labels = targets[idx]
         if labels.size and labels.max() >= num_classes:
-            raise ValueError(f"{split} label {labels.max()} is out of range for num_classes={num_classes}")
+            raise UserError(f"{split} label {labels.max()} is out of range for num_classes={num_classes}")
         counts[i] = np.bincount(labels, minlength=num_classes)
     return counts
 
@@ -132,15 +132,15 @@ def _num_classes(train: np.ndarray, test: np.ndarray, num_classes: int | None) -
     if num_classes is None:
         return seen
     if num_classes < seen:
-        raise ValueError(f"num_classes={num_classes} but the labels go up to {seen - 1}")
+        raise UserError(f"num_classes={num_classes} but the labels go up to {seen - 1}")
     return int(num_classes)
 
 
 def _check_common(num_clients: int, seed: int) -> None:
     if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1 (got {num_clients})")
+        raise UserError(f"num_clients must be >= 1 (got {num_clients})")
     if seed < 0:
-        raise ValueError(f"seed must be a non-negative integer (got {seed})")
+        raise UserError(f"seed must be a non-negative integer (got {seed})")
 
 
 def _dirichlet_split(
@@ -156,13 +156,16 @@ def _dirichlet_split(
     """Hsu et al.'s per-class Dirichlet split of train and test with the same proportions.
 
     Classes are visited in order; a client already holding >= total/N train samples gets no share of later
-    classes. The whole split is redrawn until every client has >= ``min_size`` train and test samples.
+    classes. The whole split is redrawn until every client has >= ``min_size`` (>= 1) train and test samples.
     """
+    if min_size < 1:
+        raise UserError(f"data.min_size={min_size} would allow a client with no train sample; set data.min_size "
+                        ">= 1 (default 10)")
     total_train = sum(len(c) for c in train_by_class)
     total_test = sum(len(c) for c in test_by_class)
     if min(total_train, total_test) < num_clients * min_size:
-        raise ValueError(f"{total_train} train / {total_test} test samples cannot give {num_clients} clients "
-                         f">= {min_size} samples each; {fix}")
+        raise UserError(f"{total_train} train / {total_test} test samples cannot give {num_clients} clients "
+                        f">= {min_size} samples each; {fix}")
     cap = total_train / num_clients
     for _ in range(max_tries):
         train_parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
@@ -187,8 +190,8 @@ def _dirichlet_split(
         test = [np.sort(np.concatenate(parts)) for parts in test_parts]
         if min(len(t) for t in train) >= min_size and min(len(t) for t in test) >= min_size:
             return train, test
-    raise ValueError(f"no Dirichlet(alpha={alpha}) split gave all {num_clients} clients >= {min_size} train "
-                     f"and test samples in {max_tries} draws; {fix}")
+    raise UserError(f"no Dirichlet(alpha={alpha}) split gave all {num_clients} clients >= {min_size} train "
+                    f"and test samples in {max_tries} draws; {fix}")
 
 
 def _by_class(labels: np.ndarray, num_classes: int, mask: np.ndarray | None = None) -> list[np.ndarray]:
@@ -213,8 +216,8 @@ def partition_iid(
     _check_common(num_clients, seed)
     train, test = _as_labels(train_targets, "train_targets"), _as_labels(test_targets, "test_targets")
     if num_clients > min(len(train), len(test)):
-        raise ValueError(f"num_clients={num_clients} exceeds the {len(train)} train / {len(test)} test "
-                         "samples; lower data.num_clients")
+        raise UserError(f"num_clients={num_clients} exceeds the {len(train)} train / {len(test)} test "
+                        "samples; lower data.num_clients")
     train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     return Partition(
         scheme="iid",
@@ -240,11 +243,11 @@ def partition_dirichlet(
     """Label-skewed split (Hsu et al.): per class, Dirichlet(alpha) shares over clients, capped at total/N.
 
     Each class's train and test indices are split with the same proportions; redrawn until every client
-    has >= ``min_size`` train and test samples (ValueError after ``max_tries`` draws).
+    has >= ``min_size`` train and test samples (UserError after ``max_tries`` draws, or if ``min_size < 1``).
     """
     _check_common(num_clients, seed)
     if alpha <= 0:
-        raise ValueError(f"Dirichlet alpha must be > 0 (got {alpha})")
+        raise UserError(f"Dirichlet alpha must be > 0 (got {alpha})")
     train, test = _as_labels(train_targets, "train_targets"), _as_labels(test_targets, "test_targets")
     n_cls = _num_classes(train, test, num_classes)
     train_idx, test_idx = _dirichlet_split(
@@ -277,14 +280,14 @@ def partition_pathological(
     """
     _check_common(num_clients, seed)
     if shots is not None and shots < 1:
-        raise ValueError(f"data.shots must be >= 1 or None (got {shots})")
+        raise UserError(f"data.shots must be >= 1 or None (got {shots})")
     train, test = _as_labels(train_targets, "train_targets"), _as_labels(test_targets, "test_targets")
     n_cls = _num_classes(train, test, num_classes)
     k = round(n_cls / num_clients)  # Python rounds halves to even: round(2.5) == 2
     if k == 0 or (num_clients - 1) * k >= n_cls:
-        raise ValueError(f"pathological split of {n_cls} classes over {num_clients} clients gives "
-                         f"k=round({n_cls}/{num_clients})={k} classes per client, which leaves a client "
-                         "without a class; lower data.num_clients")
+        raise UserError(f"pathological split of {n_cls} classes over {num_clients} clients gives "
+                        f"k=round({n_cls}/{num_clients})={k} classes per client, which leaves a client "
+                        "without a class; lower data.num_clients")
     order_ss, shots_ss = np.random.SeedSequence(seed).spawn(2)
     order = np.random.default_rng(order_ss).permutation(n_cls)
     owned = [order[i * k:(i + 1) * k] for i in range(num_clients - 1)] + [order[(num_clients - 1) * k:]]
@@ -296,15 +299,22 @@ def partition_pathological(
         pool = train_by_class[c]
         if shots is not None and len(pool) < shots:
             name = f"'{classnames[c]}' (id {c})" if classnames is not None else f"id {c}"
-            raise ValueError(f"data.shots={shots} but class {name} has only {len(pool)} train images; "
-                             "lower data.shots")
+            raise UserError(f"data.shots={shots} but class {name} has only {len(pool)} train images; "
+                            "lower data.shots")
         picked.append(pool if shots is None else shot_rng.choice(pool, size=shots, replace=False))
+    train_indices = [np.concatenate([picked[c] for c in cls]) for cls in owned]
+    for i, (idx, cls) in enumerate(zip(train_indices, owned)):
+        if idx.size == 0:  # only with data.shots=null: every class the client owns has no train image
+            names = [classnames[c] if classnames is not None else f"id {c}" for c in cls.tolist()]
+            raise UserError(f"pathological split: client {i} owns only classes without train images "
+                            f"({', '.join(names)}); use a dataset whose classes all have train images, or lower "
+                            "data.num_clients")
     return Partition(
         scheme="pathological",
         params={"num_clients": int(num_clients), "shots": None if shots is None else int(shots)},
         seed=int(seed),
         num_classes=n_cls,
-        train_indices=[np.concatenate([picked[c] for c in cls]) for cls in owned],
+        train_indices=train_indices,
         test_indices=[np.concatenate([test_by_class[c] for c in cls]) for cls in owned],
     )
 
@@ -329,17 +339,17 @@ def partition_domain(
     """
     _check_common(num_clients, seed)
     if alpha <= 0:
-        raise ValueError(f"Dirichlet alpha must be > 0 (got {alpha})")
+        raise UserError(f"Dirichlet alpha must be > 0 (got {alpha})")
     train, test = _as_labels(train_targets, "train_targets"), _as_labels(test_targets, "test_targets")
     train_dom = _as_labels(train_domains, "train_domains")
     test_dom = _as_labels(test_domains, "test_domains")
     if len(train_dom) != len(train) or len(test_dom) != len(test):
-        raise ValueError("domain arrays must have one entry per sample "
-                         f"(train {len(train_dom)} vs {len(train)}, test {len(test_dom)} vs {len(test)})")
+        raise UserError("domain arrays must have one entry per sample "
+                        f"(train {len(train_dom)} vs {len(train)}, test {len(test_dom)} vs {len(test)})")
     n_cls = _num_classes(train, test, num_classes)
     domains = np.union1d(train_dom, test_dom)
     if num_clients % len(domains) != 0:
-        raise ValueError(f"data.num_clients={num_clients} must be a multiple of the {len(domains)} domains")
+        raise UserError(f"data.num_clients={num_clients} must be a multiple of the {len(domains)} domains")
     per_domain = num_clients // len(domains)
     train_idx: list[np.ndarray] = []
     test_idx: list[np.ndarray] = []
@@ -373,13 +383,13 @@ def make_partition(bundle: DatasetBundle, cfg: DataConfig, seed: int) -> Partiti
                                       classnames=bundle.classnames)
     elif cfg.partition == "domain":
         if bundle.train.domains is None or bundle.test.domains is None:
-            raise ValueError("data.partition=domain needs a dataset with domains (DomainNet, "
-                             f"Office-Caltech10); '{bundle.name}' has none, use dirichlet or iid")
+            raise UserError("data.partition=domain needs a dataset with domains (DomainNet, "
+                            f"Office-Caltech10); '{bundle.name}' has none, use dirichlet or iid")
         part = partition_domain(train, test, bundle.train.domains, bundle.test.domains, cfg.num_clients,
                                 cfg.domain_alpha, seed, cfg.min_size, num_classes=n_cls)
     else:
-        raise ValueError(f"unknown data.partition '{cfg.partition}'; "
-                         "choose iid, dirichlet, pathological or domain")
+        raise UserError(f"unknown data.partition '{cfg.partition}'; "
+                        "choose iid, dirichlet, pathological or domain")
     return replace(part, params={"dataset": bundle.name, **part.params})
 
 
@@ -419,33 +429,24 @@ def save_manifest(partition: Partition, path: str | Path, train_targets: np.ndar
         "train_indices": [idx.tolist() for idx in partition.train_indices],
         "test_indices": [idx.tolist() for idx in partition.test_indices],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(_dumps(record))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, _dumps(record))
 
 
 def load_manifest(path: str | Path, train_targets: np.ndarray | None = None,
                   test_targets: np.ndarray | None = None) -> Partition:
-    """Read a manifest written by :func:`save_manifest`; ValueError if its digest does not match.
+    """Read a manifest written by :func:`save_manifest`; UserError if it is missing, unreadable, or its digest
+    does not match.
 
     With ``train_targets`` and ``test_targets`` given, also checks that the stored label histograms match
     those labels (i.e. the manifest belongs to this dataset).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"partition manifest not found: {path}")
+        raise UserError(f"partition manifest not found: {path}")
     try:
         record = json.loads(path.read_text())
         if record.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"not a {MANIFEST_FORMAT} manifest (format={record.get('format')!r})")
+            raise UserError(f"not a {MANIFEST_FORMAT} manifest (format={record.get('format')!r})")
         partition = Partition(
             scheme=record["scheme"], params=record["params"], seed=record["seed"],
             num_classes=record["num_classes"], train_indices=record["train_indices"],
@@ -453,14 +454,14 @@ def load_manifest(path: str | Path, train_targets: np.ndarray | None = None,
         )
         stored = record["digest"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"cannot read partition manifest {path}: {err}; delete it to re-partition") from None
+        raise UserError(f"cannot read partition manifest {path}: {err}; delete it to re-partition") from None
     if partition.digest() != stored:
-        raise ValueError(f"partition manifest {path} does not match its digest (edited or corrupted); "
-                         "delete it to re-partition")
+        raise UserError(f"partition manifest {path} does not match its digest (edited or corrupted); "
+                        "delete it to re-partition")
     if train_targets is not None and test_targets is not None:
         hist = partition.label_histograms(train_targets, test_targets)
         for split in ("train", "test"):
             if not np.array_equal(hist[split], np.asarray(record[f"{split}_label_histogram"])):
-                raise ValueError(f"partition manifest {path} was made from other {split} labels than this "
-                                 "dataset's; delete it to re-partition, or point data.root at the original")
+                raise UserError(f"partition manifest {path} was made from other {split} labels than this "
+                                "dataset's; delete it to re-partition, or point data.root at the original")
     return partition

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from fedlit.config import DataConfig
 from fedlit.data import datasets
 from fedlit.data.base import DatasetBundle, Preprocess
+from fedlit.errors import UserError
 
 DATASET_NAMES: tuple[str, ...] = ("shapes", "cifar10", "cifar100", "caltech101", "oxford_pets", "flowers102",
                                   "food101", "dtd", "domainnet", "office_caltech10")
@@ -25,11 +26,11 @@ _BUILDERS: dict[str, Callable[[DataConfig, Preprocess], DatasetBundle]] = {
 
 
 def build_dataset(cfg: DataConfig, preprocess: Preprocess) -> DatasetBundle:
-    """Build the dataset ``cfg.name`` with the transforms of ``preprocess``; unknown name -> ValueError."""
+    """Build the dataset ``cfg.name`` with the transforms of ``preprocess``; unknown name -> UserError."""
     if cfg.name == "shapes":
         from fedlit.data.shapes import build_shapes  # procedural dataset, imported only when used
 
         return build_shapes(cfg, preprocess)
     if cfg.name not in _BUILDERS:
-        raise ValueError(f"unknown dataset '{cfg.name}'; choose one of {', '.join(DATASET_NAMES)}")
+        raise UserError(f"unknown dataset '{cfg.name}'; choose one of {', '.join(DATASET_NAMES)}")
     return _BUILDERS[cfg.name](cfg, preprocess)

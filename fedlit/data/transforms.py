@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from fedlit.data.base import Preprocess
+from fedlit.errors import UserError
 
 _INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
                    "nearest": InterpolationMode.NEAREST}
@@ -25,8 +26,8 @@ _INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolati
 
 def _interpolation(pre: Preprocess) -> InterpolationMode:
     if pre.interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation '{pre.interpolation}'; choose one of "
-                         f"{', '.join(_INTERPOLATIONS)}")
+        raise UserError(f"unknown interpolation '{pre.interpolation}'; choose one of "
+                        f"{', '.join(_INTERPOLATIONS)}")
     return _INTERPOLATIONS[pre.interpolation]
 
 
