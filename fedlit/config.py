@@ -290,8 +290,11 @@ def _check_sections(data: dict, cls: type, prefix: str, origin: str) -> dict:
 
 
 def _check_raw(key: str, kind: str, value: Any, origin: str) -> None:
-    """Booleans as written: a boolean key takes only true/false (OmegaConf would turn 2 or "no" into one) and a
-    string key no boolean (``ctx_init: false`` is a mistake, not the word). Interpolations are checked resolved."""
+    """A value as written: not ``???``; a boolean key takes only true/false (OmegaConf would turn 2 or "no" into
+    one) and a string key no boolean (``ctx_init: false`` is a mistake, not the word). Interpolations are checked
+    once resolved."""
+    if value == "???":  # merged over a default, OmegaConf's "missing" marker would silently keep the default
+        raise ConfigError(f"{origin}'{key}' is ??? (OmegaConf's missing value); give it a value or leave it out")
     if isinstance(value, str) and "${" in value:
         return
     kinds = kind.replace(" ", "").split("|")
@@ -322,6 +325,15 @@ def _parse_override(item: str) -> dict:
     return _check_sections(parsed, Config, "", "override: ")  # type: ignore[arg-type]
 
 
+def _deep_update(target: dict, source: dict) -> None:
+    """Merge the nested dict ``source`` into ``target`` (later values win, as with successive merges)."""
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
 def _to_object(merged: DictConfig) -> Config:
     """The typed Config of ``merged`` with every ``${...}`` interpolation resolved; ConfigError if one fails."""
     try:
@@ -338,8 +350,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     merged: DictConfig = OmegaConf.structured(Config)
     if path is not None:
         merged = _merge(merged, _read_yaml(Path(path)), str(path))
+    combined: dict = {}
     for item in overrides or []:
-        merged = _merge(merged, _parse_override(item), "override")
+        _deep_update(combined, _parse_override(item))
+    if combined:
+        merged = _merge(merged, combined, "override")  # one merge: OmegaConf deep-copies the tree on each
     cfg = _to_object(merged)
     validate(cfg)
     return cfg
