@@ -4,7 +4,9 @@
 offline ``shapes-clip`` recipe, or from the random ``tiny`` test configuration. :class:`Backbone` encodes images
 (normalised features) and prompt embeddings (start token + context + class tokens) with end-token pooling, cutting
 text sequences after the last end token when the tower is causal (exact, and 3-4x cheaper), and can run a prefix
-shared by many sequences once (:meth:`Backbone.encode_shared_prefix`, exact for causal towers).
+shared by many sequences once (:meth:`Backbone.encode_shared_prefix`, exact for causal towers). The text-tower
+functions themselves live in :mod:`fedlit.clip_text` (shared with the shapes-clip pretraining, which this module
+imports: the dependency goes one way). Every bad input raises a one-line :class:`~fedlit.errors.UserError`.
 """
 
 from __future__ import annotations
@@ -236,6 +238,8 @@ def load_weights_file(model: nn.Module, file: str | Path) -> None:
     key conversions applied) into ``model``. Unreadable, corrupt, empty or non-tensor files and state dicts whose
     keys or shapes do not match the model raise one :class:`UserError` line naming the file."""
     file = Path(file).expanduser()
+    if not file.is_file():
+        raise UserError(f"backbone weights file not found: {file} (set backbone.pretrained to an existing file)")
     if file.stat().st_size == 0:
         raise UserError(f"backbone weights file {file} is empty; set backbone.pretrained to a complete checkpoint")
     try:
