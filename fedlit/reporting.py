@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
+from torch import Tensor
+
+from fedlit.io import atomic_write
+from fedlit.metrics import final_summary
 
 METRIC_COLUMNS = ["round", "clients", "loss", "acc_mean", "acc_weighted", "acc_std", "acc_worst10", "acc_global",
                   "seconds"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def new_run_dir_name() -> str:
@@ -37,18 +35,62 @@ def latest_run_dir(out_dir: str | Path, name: str) -> Path | None:
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
     """One row per evaluated round with the METRIC_COLUMNS."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
+    atomic_write(path, text.getvalue())
 
 
 def write_results_json(path: Path, results: dict) -> None:
     """``results.json``: per-client accuracies per evaluated round, final summary, seed, algorithm."""
-    atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True))
+    atomic_write(path, json.dumps(results, indent=1, sort_keys=True))
+
+
+def build_results(meta: dict, algorithm: str, seed: int, partition_digest: str, history: list[dict],
+                  per_client: list[dict], memory: dict | None = None) -> dict:
+    """The ``results.json`` dictionary: numbers only (no timings), so that an interrupted and resumed run writes
+    exactly the same file as an uninterrupted one."""
+    rounds = [{**{k: v for k, v in row.items() if k != "seconds"}, "accuracy": accs["accuracy"]}
+              for row, accs in zip(history, per_client)]
+    return {
+        **meta,
+        "memory_per_client_bytes": memory or {},
+        "algorithm": algorithm,
+        "seed": seed,
+        "partition_digest": partition_digest,
+        "rounds": rounds,
+        "final": final_summary(history) if history else {},
+    }
+
+
+def write_results(run_dir: Path, history: list[dict], results: dict) -> None:
+    """``metrics.csv`` (with timings) and ``results.json`` of a run directory."""
+    write_metrics_csv(run_dir / "metrics.csv", history)
+    write_results_json(run_dir / "results.json", results)
+
+
+def tensor_bytes(tree) -> int:
+    """Bytes of every tensor inside ``tree`` (nested dicts, lists and tuples)."""
+    if isinstance(tree, Tensor):
+        return int(tree.numel() * tree.element_size())
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
+
+
+def memory_per_client(entries: list, initial_flat: dict, feature_bytes: int, num_clients: int) -> dict[str, int]:
+    """Bytes one simulated client costs: its stored state (parameters, optimiser state), what its algorithm keeps
+    beside it (``extras``, e.g. expert prompts) and its share of the cached image features (deterministic; no
+    process overheads). ``entries`` are store entries (:class:`~fedlit.state.StoreEntry`)."""
+    state = max((tensor_bytes(e.state.flat()) for e in entries), default=0) or tensor_bytes(initial_flat)
+    extras = max((tensor_bytes(e.extras) for e in entries), default=0)
+    share = feature_bytes // max(num_clients, 1)
+    return {"state_bytes": state, "extras_bytes": extras, "features_share_bytes": share,
+            "total_bytes": state + extras + share}
 
 
 def load_results(run_dirs: list[str | Path]) -> list[dict]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlit.algorithms import ServerState, build_algorithm, fedavg
+from fedlit.algorithms import build_algorithm, fedavg
 from fedlit.algorithms.pfedmoap import select_knn, select_random
 from fedlit.config import load_config
+from fedlit.state import ClientState, ServerState, StoreEntry, Upload
 
 
 def test_fedavg_weights_by_sample_count():
@@ -46,33 +47,44 @@ def _cfg(*overrides):
     return load_config(None, ["data.num_clients=4", "method.num_experts=3", *overrides])
 
 
+def _state(**params) -> ClientState:
+    return ClientState({k.replace("__", "."): v for k, v in params.items()})
+
+
+def _upload(**params) -> Upload:
+    return Upload(_state(**params), loss=0.0, steps=1)
+
+
 def test_pfedmoap_plan_uses_the_pool_of_the_round_start_and_keeps_the_gate_private():
     algo = build_algorithm(_cfg("algorithm=pfedmoap"))
-    initial = {"prompt_learner.ctx": torch.zeros(2, 3), "gate.q_proj.weight": torch.zeros(2, 2)}
-    server = ServerState(global_state={"ctx": torch.full((2, 3), 5.0)}, round=1,
-                         pool={c: {"ctx": torch.full((2, 3), float(c)), "round": 1} for c in (0, 1, 2)})
-    own = {"prompt_learner.ctx": torch.ones(2, 3), "gate.q_proj.weight": torch.full((2, 2), 7.0)}
+    initial = _state(prompt_learner__ctx=torch.zeros(2, 3), gate__q_proj__weight=torch.zeros(2, 2))
+    pool = {c: {"ctx": torch.full((2, 3), float(c)), "round": 1} for c in (0, 1, 2)}
+    server = ServerState(global_state={"ctx": torch.full((2, 3), 5.0)}, round=1, extras={"pool": pool})
+    own = StoreEntry(_state(prompt_learner__ctx=torch.ones(2, 3), gate__q_proj__weight=torch.full((2, 2), 7.0)))
     plan = algo.plan(server, 1, own, initial)
-    assert torch.equal(plan.start["prompt_learner.ctx"], server.global_state["ctx"])  # starts from P_g
-    assert torch.equal(plan.start["gate.q_proj.weight"], own["gate.q_proj.weight"])  # its own gate
-    assert plan.expert_ids == [0, 2] and plan.expert_rounds == [1, 1]
-    assert torch.equal(plan.experts, torch.stack([server.pool[0]["ctx"], server.pool[2]["ctx"]]))
+    assert torch.equal(plan.start.params["prompt_learner.ctx"], server.global_state["ctx"])  # starts from P_g
+    assert torch.equal(plan.start.params["gate.q_proj.weight"], own.state.params["gate.q_proj.weight"])  # own gate
+    assert plan.extras["expert_keys"] == [[0, 1], [2, 1]]
+    assert torch.equal(plan.extras["experts"], torch.stack([pool[0]["ctx"], pool[2]["ctx"]]))
+    assert algo.keep(plan) == plan.extras  # evaluated later with the experts it downloaded now
     first_timer = algo.plan(server, 3, None, initial)  # no pool entry: plain CoOp this round
-    assert first_timer.experts is None and first_timer.expert_ids == []
-    assert torch.equal(first_timer.start["gate.q_proj.weight"], initial["gate.q_proj.weight"])
+    assert first_timer.extras == {}
+    assert torch.equal(first_timer.start.params["gate.q_proj.weight"], initial.params["gate.q_proj.weight"])
+    assert torch.equal(own.state.params["prompt_learner.ctx"], torch.ones(2, 3))  # the stored state is not modified
 
 
 def test_pfedmoap_aggregation_averages_prompts_replaces_pool_and_never_touches_gates():
     algo = build_algorithm(_cfg("algorithm=pfedmoap"))
-    server = ServerState(global_state={"ctx": torch.zeros(1, 2)}, pool={0: {"ctx": torch.zeros(1, 2), "round": 1}},
-                         round=1)
-    uploads = {0: {"prompt_learner.ctx": torch.tensor([[2.0, 0.0]]), "gate.w": torch.tensor([1.0])},
-               2: {"prompt_learner.ctx": torch.tensor([[0.0, 4.0]]), "gate.w": torch.tensor([3.0])}}
+    server = ServerState(global_state={"ctx": torch.zeros(1, 2)}, round=1,
+                         extras={"pool": {0: {"ctx": torch.zeros(1, 2), "round": 1}}})
+    uploads = {0: _upload(prompt_learner__ctx=torch.tensor([[2.0, 0.0]]), gate__w=torch.tensor([1.0])),
+               2: _upload(prompt_learner__ctx=torch.tensor([[0.0, 4.0]]), gate__w=torch.tensor([3.0]))}
     new = algo.aggregate(server, uploads, {0: 3, 2: 1})
     assert torch.equal(new.global_state["ctx"], torch.tensor([[1.5, 1.0]]))
     assert set(new.global_state) == {"ctx"}
-    assert new.round == 2 and new.pool[0]["round"] == 2 and torch.equal(new.pool[2]["ctx"], torch.tensor([[0.0, 4.0]]))
-    assert torch.equal(server.pool[0]["ctx"], torch.zeros(1, 2))  # the old pool is not modified in place
+    pool = new.extras["pool"]
+    assert new.round == 2 and pool[0]["round"] == 2 and torch.equal(pool[2]["ctx"], torch.tensor([[0.0, 4.0]]))
+    assert torch.equal(server.extras["pool"][0]["ctx"], torch.zeros(1, 2))  # the old pool is not modified in place
     ablation = build_algorithm(_cfg("algorithm=pfedmoap", "method.aggregate_gate=true"))
     new = ablation.aggregate(server, uploads, {0: 3, 2: 1})
     assert torch.equal(new.global_state["gate.w"], torch.tensor([1.5]))
@@ -82,29 +94,48 @@ def test_pfedmoap_aggregation_averages_prompts_replaces_pool_and_never_touches_g
 def test_promptfl_starts_from_global_and_evaluates_the_global_prompt(name):
     algo = build_algorithm(_cfg(f"algorithm={name}"))
     server = ServerState(global_state={"ctx": torch.ones(1, 2)})
-    initial = {"prompt_learner.ctx": torch.zeros(1, 2)}
-    plan = algo.plan(server, 0, {"prompt_learner.ctx": torch.full((1, 2), 9.0)}, initial)
-    assert torch.equal(plan.start["prompt_learner.ctx"], torch.ones(1, 2))
-    stored = {"state": {"prompt_learner.ctx": torch.full((1, 2), 9.0)}}
-    assert torch.equal(algo.eval_plan(server, stored, initial).start["prompt_learner.ctx"], torch.ones(1, 2))
+    initial = _state(prompt_learner__ctx=torch.zeros(1, 2))
+    stored = StoreEntry(_state(prompt_learner__ctx=torch.full((1, 2), 9.0)))
+    plan = algo.plan(server, 0, stored, initial)
+    assert torch.equal(plan.start.params["prompt_learner.ctx"], torch.ones(1, 2))
+    if name == "fedprox":  # the proximal centre is the round's global prompt
+        assert torch.equal(plan.extras["prox_center"], server.global_state["ctx"])
+    else:
+        assert plan.extras == {}
+    assert torch.equal(algo.eval_plan(server, 0, stored, initial).start.params["prompt_learner.ctx"], torch.ones(1, 2))
+
+
+def test_fedprox_is_promptfl_plus_a_centre():
+    cfg = _cfg("algorithm=fedprox")
+    prox, promptfl = build_algorithm(cfg), build_algorithm(cfg, "promptfl")
+    server = ServerState(global_state={"ctx": torch.full((1, 2), 3.0)})
+    uploads = {0: _upload(prompt_learner__ctx=torch.tensor([[2.0, 0.0]])),
+               1: _upload(prompt_learner__ctx=torch.tensor([[0.0, 4.0]]))}
+    assert torch.equal(prox.aggregate(server, uploads, {0: 1, 1: 1}).global_state["ctx"],
+                       promptfl.aggregate(server, uploads, {0: 1, 1: 1}).global_state["ctx"])
+    initial = _state(prompt_learner__ctx=torch.zeros(1, 2))
+    assert set(prox.plan(server, 0, None, initial).extras) == {"prox_center"}
 
 
 def test_coop_local_continues_its_own_prompt_and_never_aggregates():
     algo = build_algorithm(_cfg("algorithm=coop_local"))
     server = ServerState(global_state={"ctx": torch.ones(1, 2)})
-    initial = {"prompt_learner.ctx": torch.zeros(1, 2)}
-    assert torch.equal(algo.plan(server, 0, None, initial).start["prompt_learner.ctx"], torch.zeros(1, 2))
-    own = {"prompt_learner.ctx": torch.full((1, 2), 4.0)}
-    assert torch.equal(algo.plan(server, 0, own, initial).start["prompt_learner.ctx"], own["prompt_learner.ctx"])
-    new = algo.aggregate(server, {0: own}, {0: 5})
+    initial = _state(prompt_learner__ctx=torch.zeros(1, 2))
+    assert torch.equal(algo.plan(server, 0, None, initial).start.params["prompt_learner.ctx"], torch.zeros(1, 2))
+    own = StoreEntry(_state(prompt_learner__ctx=torch.full((1, 2), 4.0)))
+    assert torch.equal(algo.plan(server, 0, own, initial).start.params["prompt_learner.ctx"], torch.full((1, 2), 4.0))
+    new = algo.aggregate(server, {0: Upload(own.state, 0.0, 1)}, {0: 5})
     assert torch.equal(new.global_state["ctx"], torch.ones(1, 2))
     assert algo.global_plan(server, initial) is None
 
 
-def test_expert_feature_cache_keeps_only_current_pool_prompts():
-    algo = build_algorithm(_cfg("algorithm=pfedmoap"))
-    algo._expert_features = {(0, 1): torch.zeros(1), (0, 2): torch.zeros(1), (1, 2): torch.zeros(1)}
-    server = ServerState(global_state={"ctx": torch.zeros(1, 2)}, round=2,
-                         pool={0: {"ctx": torch.zeros(1, 2), "round": 2}, 1: {"ctx": torch.ones(1, 2), "round": 2}})
-    algo.plan(server, 0, None, {"prompt_learner.ctx": torch.zeros(1, 2)})
-    assert set(algo._expert_features) == {(0, 2), (1, 2)}
+def test_client_state_flattens_and_restores_optimiser_state():
+    momentum = {"prompt_learner.ctx": {"momentum_buffer": torch.zeros(2)}}
+    state = ClientState({"prompt_learner.ctx": torch.ones(2)}, momentum)
+    flat = state.flat()
+    assert set(flat) == {"prompt_learner.ctx", "optim/prompt_learner.ctx/momentum_buffer"}
+    again = ClientState.from_flat(flat)
+    assert again.params.keys() == state.params.keys() and again.optim.keys() == state.optim.keys()
+    upload = Upload(state, loss=0.25, steps=7)
+    back = Upload.from_flat(upload.flat())
+    assert (back.loss, back.steps) == (0.25, 7)

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlit.algorithms import ClientPlan, build_algorithm
-from fedlit.federation import batched
-from fedlit.federation.batched import auto_group_size, client_activation_bytes, masked_sgd_step, train_clients_batched
+from fedlit.federation import trainer as trainer_module
 from fedlit.federation.checkpoint import load_checkpoint
-from fedlit.federation.experiment import prepare_job
+from fedlit.federation.experiment import build_job
 from fedlit.federation.orchestrator import Orchestrator
+from fedlit.federation.trainer import auto_group_size, client_activation_bytes, masked_sgd_step
 from fedlit.gating import AttentionGate
+from fedlit.state import ClientPlan, StoreEntry
 from tests.helpers import fast_config
 
 UNEQUAL = ["data.partition=dirichlet", "data.alpha=0.5", "data.min_size=2", "data.batch_size=16",
@@ -27,17 +27,11 @@ TOL = 1e-6
 
 
 def make_orchestrator(tmp_path, *overrides: str) -> Orchestrator:
-    cfg = fast_config(tmp_path, *UNEQUAL, *overrides)
-    backbone, bundle, _, data = prepare_job(cfg)
-    algorithm = build_algorithm(cfg)
-    torch.manual_seed(cfg.seed)
-    module = algorithm.build_module(backbone, bundle.classnames)
-    return Orchestrator(cfg, algorithm, module, data, tmp_path / "run")
+    return build_job(fast_config(tmp_path, *UNEQUAL, *overrides)).orchestrator(tmp_path / "run")
 
 
 def round_plans(orch: Orchestrator, server, store: dict) -> dict:
-    return {cid: orch.algorithm.plan(server, cid, store[cid] if cid in store else None, orch.initial)
-            for cid in range(orch.num_clients)}
+    return {cid: orch.algorithm.plan(server, cid, store.get(cid), orch.initial) for cid in range(orch.num_clients)}
 
 
 def assert_uploads_match(sequential: dict, grouped: dict) -> None:
@@ -46,28 +40,34 @@ def assert_uploads_match(sequential: dict, grouped: dict) -> None:
     batched matmuls sum in another order): they are compared at 1e-5 of their own scale (seen: <= 2e-6)."""
     assert sequential.keys() == grouped.keys()
     for cid, upload in sequential.items():
-        assert upload.keys() == grouped[cid].keys(), cid
-        assert torch.equal(upload["stat.steps"], grouped[cid]["stat.steps"]), cid
-        for name, expected in upload.items():
-            actual = grouped[cid][name]
+        assert upload.steps == grouped[cid].steps, cid
+        assert upload.loss == pytest.approx(grouped[cid].loss, abs=TOL), cid
+        expected_flat, actual_flat = upload.state.flat(), grouped[cid].state.flat()
+        assert expected_flat.keys() == actual_flat.keys(), cid
+        for name, expected in expected_flat.items():
+            actual = actual_flat[name]
             assert actual.shape == expected.shape and actual.dtype == expected.dtype, (cid, name)
-            tol = 10 * TOL * max(1.0, expected.abs().max().item()) if name.startswith("momentum.") else TOL
+            tol = 10 * TOL * max(1.0, expected.abs().max().item()) if name.startswith("optim/") else TOL
             err = (actual - expected).abs().max().item()
             assert err <= tol, (cid, name, err)
 
 
+def train(orch: Orchestrator, plans: dict, r: int, group_size: int) -> dict:
+    orch.trainer.client_batch = group_size
+    return orch.trainer.train(copy.deepcopy(plans), r)
+
+
 def compare_round(orch: Orchestrator, plans: dict, r: int) -> dict:
     """Sequential uploads of one round, after checking that G = 2 and G = all give the same."""
-    sequential = {cid: orch.train_client(cid, copy.deepcopy(plan), r) for cid, plan in plans.items()}
+    sequential = train(orch, plans, r, 1)
     for group_size in (2, len(plans)):
-        assert_uploads_match(sequential, train_clients_batched(orch, copy.deepcopy(plans), r, group_size))
+        assert_uploads_match(sequential, train(orch, plans, r, group_size))
     return sequential
 
 
 def next_round(orch: Orchestrator, server, uploads: dict) -> tuple:
-    states = {c: {k: v for k, v in u.items() if not k.startswith("stat.")} for c, u in uploads.items()}
     sizes = {c: orch.data.train_size(c) for c in uploads}
-    return orch.algorithm.aggregate(server, states, sizes), states
+    return orch.algorithm.aggregate(server, uploads, sizes), {c: StoreEntry(u.state) for c, u in uploads.items()}
 
 
 @pytest.mark.parametrize("algorithm, overrides", [
@@ -80,48 +80,48 @@ def test_batched_training_matches_sequential_on_unequal_clients(tmp_path, algori
     orch = make_orchestrator(tmp_path, f"algorithm={algorithm}", *overrides)
     steps = [-(-orch.data.train_size(c) // 16) * 2 for c in range(orch.num_clients)]
     assert len(set(steps)) > 1  # unequal step counts: some clients finish early
-    server = orch.algorithm.init_server(orch.module)
+    server = orch.algorithm.init_server(orch.initial)
     first = compare_round(orch, round_plans(orch, server, {}), 1)
-    assert [int(first[c]["stat.steps"]) for c in sorted(first)] == steps
+    assert [first[c].steps for c in sorted(first)] == steps
     server, store = next_round(orch, server, first)
     plans = round_plans(orch, server, store)
     if algorithm == "pfedmoap":  # round 2 mixes K = 2 experts with a client seen for the first time (K = 0)
-        assert all(p.experts.shape[0] == 2 for p in plans.values())
+        assert all(p.extras["experts"].shape[0] == 2 for p in plans.values())
         plans[1] = ClientPlan(start=plans[1].start)
     second = compare_round(orch, plans, 2)
     if algorithm == "fedprox":  # the proximal term was active (its centre is the round's global prompt)
         assert torch.equal(orch.module.client_extras()["prox_center"], server.global_state["ctx"])
     # Training really moved every client, differently (so equality above is not trivial).
     for cid, upload in second.items():
-        assert (upload["prompt_learner.ctx"] - plans[cid].start["prompt_learner.ctx"]).abs().max() > 1e-3
-    assert (second[0]["prompt_learner.ctx"] - second[2]["prompt_learner.ctx"]).abs().max() > 1e-4
+        moved = upload.state.params["prompt_learner.ctx"] - plans[cid].start.params["prompt_learner.ctx"]
+        assert moved.abs().max() > 1e-3
+    ctx = {c: second[c].state.params["prompt_learner.ctx"] for c in second}
+    assert (ctx[0] - ctx[2]).abs().max() > 1e-4
     if "optim.persistent_state=true" in overrides:
-        assert second[0]["momentum.gate.q_proj.weight"].abs().max() > 0  # restored and updated gate momentum
-        assert torch.equal(second[1]["momentum.gate.q_proj.weight"], torch.zeros_like(second[1]["gate.q_proj.weight"]))
+        momentum = {c: second[c].state.optim["gate.q_proj.weight"]["momentum_buffer"] for c in second}
+        assert momentum[0].abs().max() > 0  # restored and updated gate momentum
+        assert torch.equal(momentum[1], torch.zeros_like(momentum[1]))  # client 1 had no experts: gate unused
 
 
-def test_batched_training_leaves_plans_as_train_client_does(tmp_path):
+def test_training_leaves_plans_untouched(tmp_path):
     orch = make_orchestrator(tmp_path, "algorithm=pfedmoap", "optim.persistent_state=true")
-    plans = round_plans(orch, orch.algorithm.init_server(orch.module), {})
+    plans = round_plans(orch, orch.algorithm.init_server(orch.initial), {})
     for plan in plans.values():
-        plan.start = {**plan.start, "momentum.prompt_learner.ctx": torch.ones_like(plan.start["prompt_learner.ctx"])}
-    sequential_plans = copy.deepcopy(plans)
-    for cid, plan in sequential_plans.items():
-        orch.train_client(cid, plan, 1)
-    train_clients_batched(orch, plans, 1, 3)
-    for cid, plan in plans.items():
-        assert plan.start.keys() == sequential_plans[cid].start.keys()
-        assert not any(k.startswith("momentum.") for k in plan.start)
+        plan.start.optim = {"prompt_learner.ctx": {"momentum_buffer": torch.ones_like(orch.initial.params[
+            "prompt_learner.ctx"])}}
+    before = copy.deepcopy(plans)
+    for group_size in (1, 3):
+        orch.trainer.client_batch = group_size
+        orch.trainer.train(plans, 1)
+        for cid, plan in plans.items():
+            for name, value in plan.start.flat().items():
+                assert torch.equal(value, before[cid].start.flat()[name]), (cid, name)
 
 
 def run_job(tmp_path, client_batch: int):
     cfg = fast_config(tmp_path, *UNEQUAL, "algorithm=pfedmoap", "fed.rounds=2", f"perf.client_batch={client_batch}")
-    backbone, bundle, _, data = prepare_job(cfg)
-    algorithm = build_algorithm(cfg)
-    torch.manual_seed(cfg.seed)
-    module = algorithm.build_module(backbone, bundle.classnames)
     run_dir = tmp_path / f"g{client_batch}"
-    return Orchestrator(cfg, algorithm, module, data, run_dir).run(), load_checkpoint(run_dir / "checkpoint.pt")
+    return build_job(cfg).orchestrator(run_dir).run(), load_checkpoint(run_dir / "checkpoint.pt")
 
 
 def test_full_run_with_all_clients_in_one_group_equals_sequential_run(tmp_path):
@@ -199,11 +199,11 @@ def test_auto_group_size_fits_the_estimate_into_free_memory(tmp_path, monkeypatc
     assert client_activation_bytes(module) == 4 * classes * tower.layers * tokens * (18 * tower.width + 2 * 2 * tokens)
     assert client_activation_bytes(module) > 1.5 * per_client  # 5 of 9 positions no longer repeated per class
     learner.shared_length = shared
-    monkeypatch.setattr(batched, "available_memory", lambda device: 7 * per_client)
+    monkeypatch.setattr(trainer_module, "available_memory", lambda device: 7 * per_client)
     assert auto_group_size(module, 8, 16, "cpu") == 3  # half of 7 clients' worth
     assert auto_group_size(module, 2, 16, "cpu") == 2  # capped by the number of clients
     assert auto_group_size(module, 8, 16, "cpu", extras_bytes=per_client // 16) == 1  # extras double the need
-    monkeypatch.setattr(batched, "available_memory", lambda device: 0)
+    monkeypatch.setattr(trainer_module, "available_memory", lambda device: 0)
     assert auto_group_size(module, 8, 16, "cpu") == 1  # never below one
-    with pytest.raises(ValueError, match="group_size must be >= 0"):
-        train_clients_batched(orch, {0: None}, 1, -1)
+    with pytest.raises(ValueError, match="client_batch must be >= 0"):
+        type(orch.trainer)(module, orch.data, seed=0, local_epochs=1, client_batch=-1)

@@ -7,29 +7,27 @@ import csv
 import pytest
 import torch
 
-from fedlit.algorithms import build_algorithm
+from fedlit.federation import orchestrator as orchestrator_module
 from fedlit.federation.checkpoint import load_checkpoint
-from fedlit.federation.experiment import prepare_job, run_experiment
-from fedlit.federation.orchestrator import Orchestrator
+from fedlit.federation.experiment import build_job, run_experiment
 from fedlit.modules import PFedMoAPClient
 from tests.helpers import fast_config, only_run_dir, read_results
 
 
-def _orchestrate(cfg, run_dir, visit_order):
-    backbone, bundle, _, data = prepare_job(cfg)
-    algorithm = build_algorithm(cfg)
-    torch.manual_seed(cfg.seed)
-    module = algorithm.build_module(backbone, bundle.classnames)
-    orchestrator = Orchestrator(cfg, algorithm, module, data, run_dir)
-    orchestrator.visit_order = visit_order
-    return orchestrator.run(), load_checkpoint(run_dir / "checkpoint.pt")
+def _orchestrate(cfg, run_dir, monkeypatch, visit_order):
+    if visit_order == "reversed":  # each rank visits its clients backwards
+        assign = orchestrator_module.assign_to_ranks
+        monkeypatch.setattr(orchestrator_module, "assign_to_ranks", lambda *a: [s[::-1] for s in assign(*a)])
+    results = build_job(cfg).orchestrator(run_dir).run()
+    monkeypatch.undo()
+    return results, load_checkpoint(run_dir / "checkpoint.pt")
 
 
 @pytest.mark.parametrize("algorithm", ["pfedmoap", "promptfl"])
-def test_visiting_clients_in_another_order_gives_identical_state_and_metrics(tmp_path, algorithm):
+def test_visiting_clients_in_another_order_gives_identical_state_and_metrics(tmp_path, monkeypatch, algorithm):
     cfg = fast_config(tmp_path, f"algorithm={algorithm}", "fed.rounds=2")
-    results_a, ckpt_a = _orchestrate(cfg, tmp_path / "a", "sorted")
-    results_b, ckpt_b = _orchestrate(cfg, tmp_path / "b", "reversed")
+    results_a, ckpt_a = _orchestrate(cfg, tmp_path / "a", monkeypatch, "sorted")
+    results_b, ckpt_b = _orchestrate(cfg, tmp_path / "b", monkeypatch, "reversed")
     assert results_a["rounds"] == results_b["rounds"]
     assert torch.equal(ckpt_a["server"]["global_state"]["ctx"], ckpt_b["server"]["global_state"]["ctx"])
     for cid, entry in ckpt_a["store"].items():
@@ -74,7 +72,7 @@ def test_pfedmoap_loads_experts_from_round_two_and_beats_zero_shot(tmp_path, mon
     assert loaded == [0] * 4 + [2] * 8  # round 1: plain CoOp; rounds 2-3: K = num_experts - 1 = 2 experts
     ckpt = load_checkpoint(only_run_dir(tmp_path) / "checkpoint.pt")
     for entry in ckpt["store"].values():
-        assert len(entry["expert_ids"]) == 2 and entry["experts"].shape[0] == 2
+        assert len(entry["extras"]["expert_keys"]) == 2 and entry["extras"]["experts"].shape[0] == 2
     zs_cfg = fast_config(tmp_path / "zs", "algorithm=zeroshot")
     [zs] = run_experiment(zs_cfg)
     assert res["final"]["last_round"] > zs["final"]["last_round"] + 0.10

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedlit.config import load_config
-from fedlit.federation.experiment import prepare_job, run_experiment
+from fedlit.federation.experiment import build_job, run_experiment
 from fedlit.sanity import check_zero_shot, zero_shot_accuracy
 from tests.helpers import cache_dir
 
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shapes_job():
     cfg = load_config("configs/default.yaml", [f"backbone.cache_dir={cache_dir()}", "run.quiet=true"])
-    return cfg, prepare_job(cfg)
+    job = build_job(cfg)
+    return cfg, (job.backbone, job.bundle, job.partition, job.data)
 
 
 def test_sanity_gate_passes_aligned_names_and_stops_permuted_ones(shapes_job):

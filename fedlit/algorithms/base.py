@@ -1,48 +1,27 @@
 """The server-side rules of a method: what a sampled client receives, how uploads combine, what is evaluated.
 
-An algorithm never knows how many processes exist: every process holds the same :class:`ServerState` and calls
-the same functions in the same order, so the server state stays replicated and identical everywhere.
+An algorithm is pure math over typed state (:mod:`fedlit.state`): ``plan``, ``aggregate``, ``eval_plan`` and
+``global_plan`` never touch a module, a device or a rank. Every process holds the same :class:`ServerState` and
+calls the same functions in the same order, so the server state stays replicated and identical everywhere.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from fedlit.backbone import Backbone
 from fedlit.config import Config
 from fedlit.modules import ClientModule
+from fedlit.state import PROMPT, ClientPlan, ClientState, Params, ServerState, StoreEntry, Upload
 
-State = dict[str, Tensor]
-
-
-@dataclass
-class ServerState:
-    """Replicated server state: the global client state (``ctx``, optionally the gate), the pool of the latest
-    uploaded prompts ``{client id: {"ctx": tensor, "round": r}}`` and the number of completed rounds."""
-
-    global_state: State
-    pool: dict[int, dict] = field(default_factory=dict)
-    round: int = 0
+GLOBAL_PROMPT = "ctx"  # the global prompt P_g in ServerState.global_state
 
 
-@dataclass
-class ClientPlan:
-    """What a sampled client receives at the start of a round."""
-
-    start: State  # the client's starting state (prompt, gate, ...)
-    expert_ids: list[int] = field(default_factory=list)  # pFedMoAP: pool ids of the non-local experts
-    expert_rounds: list[int] = field(default_factory=list)  # the round each expert prompt was uploaded in
-    experts: Tensor | None = None  # (K, *ctx_shape) expert prompts, frozen
-    prox_center: Tensor | None = None  # FedProx anchor
-
-
-def fedavg(states: list[State], weights: list[float]) -> State:
-    """Sample-weighted average ``sum_i n_i x_i / sum_i n_i`` of each entry of ``states``."""
+def fedavg(states: list[Params], weights: list[float]) -> Params:
+    """Sample-weighted average ``sum_i n_i x_i / sum_i n_i`` of each entry of ``states`` (in float64, cast back)."""
     total = float(sum(weights))
     keys = states[0].keys()
     return {
@@ -55,12 +34,18 @@ def client_rng(seed: int, round_index: int, client_id: int, purpose: int = 0) ->
     return np.random.default_rng([seed, round_index, client_id, purpose])
 
 
+def with_params(state: ClientState, params: Params) -> ClientState:
+    """A copy of ``state`` (tensors shared, dicts new) with the entries of ``params`` replaced by clones."""
+    new = {**state.params, **{k: v.clone() for k, v in params.items()}}
+    return ClientState(params=new, optim={k: dict(v) for k, v in state.optim.items()})
+
+
 class Algorithm(abc.ABC):
-    """Base class: a method that trains a prompt per client and (by default) averages nothing."""
+    """Base class: a method whose clients train a prompt and start every round from the global prompt ``P_g``;
+    by default nothing is aggregated (subclasses define :meth:`aggregate`)."""
 
     name = "base"
     trains = True
-    has_global_prompt = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -76,54 +61,45 @@ class Algorithm(abc.ABC):
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
         """The process's one client module (its initial state is every client's initial state)."""
 
-    def init_server(self, module: ClientModule) -> ServerState:
+    def init_server(self, initial: ClientState) -> ServerState:
         """Server state before round 1: the global prompt is the prompt initialisation."""
-        return ServerState(global_state={"ctx": module.client_state()["prompt_learner.ctx"]})
+        return ServerState(global_state={GLOBAL_PROMPT: initial.params[PROMPT].clone()})
 
     # -- a round ------------------------------------------------------------------------------------------------
-    def plan(self, server: ServerState, client_id: int, own: State | None, initial: State) -> ClientPlan:
-        """What ``client_id`` starts from this round; ``own`` is its stored state (None before its first round)."""
-        start = dict(own) if own is not None else dict(initial)
-        start["prompt_learner.ctx"] = server.global_state["ctx"].clone()
-        return ClientPlan(start=start)
+    def plan(self, server: ServerState, client_id: int, entry: StoreEntry | None, initial: ClientState) -> ClientPlan:
+        """What ``client_id`` starts from this round: its own stored state (the initial state before its first
+        round) with the prompt replaced by ``P_g``."""
+        own = entry.state if entry is not None else initial
+        return ClientPlan(start=with_params(own, {PROMPT: server.global_state[GLOBAL_PROMPT]}))
 
-    def load(self, module: ClientModule, plan: ClientPlan, expert_features: Tensor | None = None) -> None:
-        """Put ``plan`` into ``module`` before local training or evaluation."""
-        module.load_client_state(plan.start)
+    def aggregate(self, server: ServerState, uploads: dict[int, Upload], sizes: dict[int, int]) -> ServerState:
+        """New server state from this round's uploads (client id -> upload) and train sizes; pure math."""
+        return ServerState(global_state=dict(server.global_state), extras=dict(server.extras),
+                           round=server.round + 1)
 
-    def aggregate(self, server: ServerState, uploads: dict[int, State], sizes: dict[int, int]) -> ServerState:
-        """New server state from this round's uploads (client id -> state) and train sizes; pure math."""
-        ids = sorted(uploads)
-        pool = dict(server.pool)
-        for cid in ids:
-            pool[cid] = {"ctx": uploads[cid]["prompt_learner.ctx"].clone(), "round": server.round + 1}
-        return ServerState(global_state=dict(server.global_state), pool=pool, round=server.round + 1)
+    def keep(self, plan: ClientPlan) -> dict[str, Any]:
+        """What the client store keeps of a trained client's plan for its later evaluation (none by default)."""
+        return {}
 
-    def eval_plan(self, server: ServerState, stored: dict | None, initial: State) -> ClientPlan:
-        """The personalised model a client is evaluated with (``stored``: its store entry or None)."""
-        if stored is None:
-            start = dict(initial)
-            start["prompt_learner.ctx"] = server.global_state["ctx"].clone()
-            return ClientPlan(start=start)
-        return ClientPlan(start=dict(stored["state"]))
+    def eval_plan(self, server: ServerState, client_id: int, entry: StoreEntry | None,
+                  initial: ClientState) -> ClientPlan:
+        """The personalised model a client is evaluated with: what it holds after its last participation, or the
+        global prompt when it never trained."""
+        if entry is None:
+            return self.global_plan(server, initial) or ClientPlan(start=initial)
+        return ClientPlan(start=entry.state, extras=dict(entry.extras))
 
-    def global_plan(self, server: ServerState, initial: State) -> ClientPlan | None:
-        """The global model evaluated on the whole test set (None when the method has no global prompt)."""
-        start = dict(initial)
-        start["prompt_learner.ctx"] = server.global_state["ctx"].clone()
-        return ClientPlan(start=start)
+    def global_plan(self, server: ServerState, initial: ClientState) -> ClientPlan | None:
+        """The global model, evaluated on the whole test set (None when the method has no global prompt)."""
+        return ClientPlan(start=with_params(initial, {PROMPT: server.global_state[GLOBAL_PROMPT]}))
 
 
-def averaged_global(server: ServerState, uploads: dict[int, State], sizes: dict[int, int],
-                    keys: dict[str, str]) -> State:
-    """FedAvg of the upload entries named in ``keys`` (upload name -> global name), in client-id order."""
+def averaged_global(server: ServerState, uploads: dict[int, Upload], sizes: dict[int, int],
+                    keys: dict[str, str]) -> Params:
+    """``server.global_state`` with FedAvg of the upload parameters named in ``keys`` (upload parameter -> global
+    name), in client-id order."""
     ids = sorted(uploads)
-    states = [{g: uploads[c][u] for u, g in keys.items()} for c in ids]
+    states = [{g: uploads[c].state.params[u] for u, g in keys.items()} for c in ids]
     new = dict(server.global_state)
     new.update(fedavg(states, [sizes[c] for c in ids]))
     return new
-
-
-def stack_experts(pool: dict[int, dict], ids: list[int]) -> Tensor | None:
-    """Expert prompts ``(K, *ctx_shape)`` of pool entries ``ids`` (None when empty)."""
-    return torch.stack([pool[i]["ctx"] for i in ids]) if ids else None

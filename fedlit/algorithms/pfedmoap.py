@@ -1,32 +1,30 @@
 """pFedMoAP: PromptFL's averaged prompt plus, per client, K downloaded expert prompts mixed by a private gate.
 
-Experts are chosen from the pool as it stood at the start of the round (the previous rounds' uploads): by default
-the K nearest other entries by L2 distance of the flattened context, or a fresh random draw per client and round.
-A client with no pool entry yet trains plain CoOp. Gates are private and never aggregated (``aggregate_gate`` is
-the paper's ablation).
+The server keeps a pool of every client's latest uploaded prompt (``server.extras["pool"]``: ``{client id:
+{"ctx": tensor, "round": r}}``). Experts are chosen from the pool as it stood at the start of the round (the
+previous rounds' uploads): by default the K nearest other entries by L2 distance of the flattened context, or a
+fresh random draw per client and round. A client with no pool entry yet trains plain CoOp. Gates are private and
+never aggregated (``aggregate_gate`` is the paper's ablation). A plan's extras are ``{"experts": (K, *ctx_shape),
+"expert_keys": [[pool id, upload round], ...]}``; the store keeps them so that a client is evaluated with the
+experts it downloaded at its last participation.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import Any
 
-from fedlit.algorithms.base import (
-    Algorithm,
-    ClientPlan,
-    ServerState,
-    State,
-    averaged_global,
-    client_rng,
-    stack_experts,
-)
+import torch
+
+from fedlit.algorithms.base import GLOBAL_PROMPT, averaged_global, client_rng
+from fedlit.algorithms.promptfl import PromptFL
 from fedlit.backbone import Backbone
 from fedlit.modules import ClientModule, PFedMoAPClient
+from fedlit.state import GATE, PROMPT, ClientPlan, ClientState, ServerState, StoreEntry, Upload
 
-GATE_PREFIX = "gate."
+Pool = dict[int, dict]
 
 
-def select_knn(pool: dict[int, dict], client_id: int, k: int) -> list[int]:
+def select_knn(pool: Pool, client_id: int, k: int) -> list[int]:
     """The ``k`` pool ids (other than ``client_id``) nearest to the client's own entry by L2 distance of the
     flattened context; ties go to the smaller id. Fewer than ``k`` candidates: all of them, nearest first."""
     own = pool[client_id]["ctx"].reshape(-1).double()
@@ -36,7 +34,7 @@ def select_knn(pool: dict[int, dict], client_id: int, k: int) -> list[int]:
     return [candidates[j] for j in order[:k]]
 
 
-def select_random(pool: dict[int, dict], client_id: int, k: int, seed: int, round_index: int) -> list[int]:
+def select_random(pool: Pool, client_id: int, k: int, seed: int, round_index: int) -> list[int]:
     """``k`` pool ids other than ``client_id`` drawn without replacement from the client's own stream."""
     candidates = sorted(i for i in pool if i != client_id)
     if len(candidates) <= k:
@@ -45,12 +43,8 @@ def select_random(pool: dict[int, dict], client_id: int, k: int, seed: int, roun
     return sorted(int(i) for i in rng.choice(candidates, size=k, replace=False))
 
 
-class PFedMoAP(Algorithm):
+class PFedMoAP(PromptFL):
     name = "pfedmoap"
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self._expert_features: dict[tuple[int, int], Tensor] = {}  # (pool id, upload round) -> (C, D)
 
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
         return PFedMoAPClient(backbone, classnames, gate=self.cfg.gate, lam=self.cfg.method.lam,
@@ -61,55 +55,43 @@ class PFedMoAP(Algorithm):
         """K = num_experts - 1 (num_experts counts the local expert)."""
         return self.cfg.method.num_experts - 1
 
-    def plan(self, server: ServerState, client_id: int, own: State | None, initial: State) -> ClientPlan:
-        plan = super().plan(server, client_id, own, initial)
-        self._prune_expert_features(server)
+    def plan(self, server: ServerState, client_id: int, entry: StoreEntry | None, initial: ClientState) -> ClientPlan:
+        plan = super().plan(server, client_id, entry, initial)
         if self.cfg.method.aggregate_gate:
-            plan.start.update({k: v.clone() for k, v in server.global_state.items() if k.startswith(GATE_PREFIX)})
-        if client_id not in server.pool or self.num_nonlocal == 0:
+            plan.start.params.update({k: v.clone() for k, v in server.global_state.items() if k.startswith(GATE)})
+        pool: Pool = server.extras.get("pool", {})
+        if client_id not in pool or self.num_nonlocal == 0:
             return plan  # first participation: plain CoOp this round
         if self.cfg.method.selection == "knn":
-            ids = select_knn(server.pool, client_id, self.num_nonlocal)
+            ids = select_knn(pool, client_id, self.num_nonlocal)
         else:
-            ids = select_random(server.pool, client_id, self.num_nonlocal, self.cfg.seed, server.round + 1)
-        plan.expert_ids = ids
-        plan.expert_rounds = [server.pool[i]["round"] for i in ids]
-        plan.experts = stack_experts(server.pool, ids)
+            ids = select_random(pool, client_id, self.num_nonlocal, self.cfg.seed, server.round + 1)
+        if ids:
+            plan.extras = {"experts": torch.stack([pool[i]["ctx"] for i in ids]),
+                           "expert_keys": [[i, pool[i]["round"]] for i in ids]}
         return plan
 
-    def load(self, module: ClientModule, plan: ClientPlan, expert_features: Tensor | None = None) -> None:
-        """Load the starting state and the experts; each distinct expert prompt is encoded once per process."""
-        module.load_client_state(plan.start)
-        assert isinstance(module, PFedMoAPClient)
-        if plan.experts is None:
-            module.set_expert_features(None)
-            return
-        feats = []
-        for j, key in enumerate(zip(plan.expert_ids, plan.expert_rounds)):
-            if key not in self._expert_features:
-                self._expert_features[key] = module.expert_text_features(plan.experts[j : j + 1])[0]
-            feats.append(self._expert_features[key])
-        module.set_expert_features(torch.stack(feats))
-
-    def _prune_expert_features(self, server: ServerState) -> None:
-        """Keep only the features of prompts still in the pool: the cache stays at most one entry per client
-        (an evaluated client whose experts have since been replaced recomputes them)."""
-        current = {(i, entry["round"]) for i, entry in server.pool.items()}
-        for key in [k for k in self._expert_features if k not in current]:
-            del self._expert_features[key]
-
-    def aggregate(self, server: ServerState, uploads: dict[int, State], sizes: dict[int, int]) -> ServerState:
+    def aggregate(self, server: ServerState, uploads: dict[int, Upload], sizes: dict[int, int]) -> ServerState:
+        """FedAvg of the prompts (and of the gates in the ``aggregate_gate`` ablation); the round's uploads replace
+        their clients' pool entries (a new pool: the old one is not modified)."""
         new = super().aggregate(server, uploads, sizes)
-        keys = {"prompt_learner.ctx": "ctx"}
         if self.cfg.method.aggregate_gate:
-            first = uploads[min(uploads)]
-            keys.update({k: k for k in first if k.startswith(GATE_PREFIX)})
-        new.global_state = averaged_global(server, uploads, sizes, keys)
+            first = uploads[min(uploads)].state.params
+            keys = {PROMPT: GLOBAL_PROMPT, **{k: k for k in first if k.startswith(GATE)}}
+            new.global_state = averaged_global(server, uploads, sizes, keys)
+        pool = dict(server.extras.get("pool", {}))
+        for cid in sorted(uploads):
+            pool[cid] = {"ctx": uploads[cid].state.params[PROMPT].clone(), "round": new.round}
+        new.extras = {**new.extras, "pool": pool}
         return new
 
-    def eval_plan(self, server: ServerState, stored: dict | None, initial: State) -> ClientPlan:
+    def keep(self, plan: ClientPlan) -> dict[str, Any]:
+        """The experts the client downloaded this round: it is evaluated with them until it trains again."""
+        return dict(plan.extras)
+
+    def eval_plan(self, server: ServerState, client_id: int, entry: StoreEntry | None,
+                  initial: ClientState) -> ClientPlan:
         """Its last trained prompt, gate and the experts it downloaded then; never trained: global, no experts."""
-        if stored is None:
-            return super().eval_plan(server, stored, initial)
-        return ClientPlan(start=dict(stored["state"]), expert_ids=list(stored["expert_ids"]),
-                          expert_rounds=list(stored["expert_rounds"]), experts=stored["experts"])
+        if entry is None:
+            return self.global_plan(server, initial)
+        return ClientPlan(start=entry.state, extras=dict(entry.extras))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fedlit.algorithms.base import Algorithm, ClientPlan, ServerState, State, averaged_global
+from fedlit.algorithms.base import GLOBAL_PROMPT, Algorithm, averaged_global
 from fedlit.backbone import Backbone
 from fedlit.modules import ClientModule, CoOpClient
+from fedlit.state import PROMPT, ClientPlan, ClientState, ServerState, StoreEntry, Upload
 
 
 class PromptFL(Algorithm):
@@ -13,11 +14,12 @@ class PromptFL(Algorithm):
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
         return CoOpClient(backbone, classnames, **self.module_kwargs())
 
-    def aggregate(self, server: ServerState, uploads: dict[int, State], sizes: dict[int, int]) -> ServerState:
+    def aggregate(self, server: ServerState, uploads: dict[int, Upload], sizes: dict[int, int]) -> ServerState:
         new = super().aggregate(server, uploads, sizes)
-        new.global_state = averaged_global(server, uploads, sizes, {"prompt_learner.ctx": "ctx"})
+        new.global_state = averaged_global(server, uploads, sizes, {PROMPT: GLOBAL_PROMPT})
         return new
 
-    def eval_plan(self, server: ServerState, stored: dict | None, initial: State) -> ClientPlan:
+    def eval_plan(self, server: ServerState, client_id: int, entry: StoreEntry | None,
+                  initial: ClientState) -> ClientPlan:
         """PromptFL's personalised number is the global prompt on each client's test split."""
         return self.global_plan(server, initial)

@@ -1,6 +1,7 @@
 """One flat, padded all-gather of client uploads per round.
 
-Every rank packs its clients' uploads (dicts of tensors with the same keys and shapes) into rows of one float32
+Every rank packs its clients' uploads (:class:`~fedlit.state.Upload`, flattened to tensors with the same names and
+shapes) into rows of one float32
 buffer ``(slots, 1 + S)`` whose first column is the client id (-1 for padding); ``fabric.all_gather`` needs equal
 shapes on every rank, and every rank knows ``slots`` because it knows the assignment.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from fedlit.state import Upload
 
 State = dict[str, Tensor]
 
@@ -35,15 +38,17 @@ def unflatten_state(flat: Tensor, layout) -> State:
     return out
 
 
-def gather_uploads(fabric, local: dict[int, State], layout, slots: int) -> dict[int, State]:
-    """Every rank's uploads on every rank, through one ``all_gather`` of a ``(slots, 1 + S)`` buffer."""
+def gather_uploads(fabric, local: dict[int, Upload], template: Upload, slots: int) -> dict[int, Upload]:
+    """Every rank's uploads on every rank, through one ``all_gather`` of a ``(slots, 1 + S)`` buffer; ``template``
+    is an upload of the common layout (every rank knows it, also one that trained no client this round)."""
     if fabric is None or fabric.world_size == 1:
         return dict(local)
+    layout = state_layout(template.flat())
     size = sum(int(torch.tensor(shape).prod()) if shape else 1 for _, shape, _ in layout)
     buffer = torch.zeros(slots, 1 + size, dtype=torch.float32)
     buffer[:, 0] = -1
     for row, cid in enumerate(sorted(local)):
         buffer[row, 0] = cid
-        buffer[row, 1:] = flatten_state(local[cid], layout)
+        buffer[row, 1:] = flatten_state(local[cid].flat(), layout)
     gathered = fabric.all_gather(buffer.to(fabric.device)).cpu().reshape(-1, 1 + size)
-    return {int(r[0]): unflatten_state(r[1:], layout) for r in gathered if r[0] >= 0}
+    return {int(r[0]): Upload.from_flat(unflatten_state(r[1:], layout)) for r in gathered if r[0] >= 0}

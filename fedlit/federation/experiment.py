@@ -7,13 +7,13 @@ import hashlib
 import json
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric
 
-from fedlit.algorithms import build_algorithm
+from fedlit.algorithms import Algorithm, build_algorithm
 from fedlit.backbone import Backbone, load_backbone
 from fedlit.config import ALGORITHMS, Config, to_yaml
 from fedlit.data.base import DatasetBundle
@@ -23,7 +23,9 @@ from fedlit.data.registry import build_dataset
 from fedlit.federation.client_data import ClientData, build_client_data
 from fedlit.federation.orchestrator import Orchestrator
 from fedlit.federation.signals import Preempted, requeue_slurm_job
-from fedlit.reporting import atomic_write_text, comparison_table, latest_run_dir, new_run_dir_name
+from fedlit.io import atomic_write
+from fedlit.modules import ClientModule
+from fedlit.reporting import comparison_table, latest_run_dir, new_run_dir_name
 from fedlit.sanity import check_zero_shot, zero_shot_accuracy
 
 # Keys that may differ between an interrupted run and its resumption (layout and bookkeeping, not the maths).
@@ -61,7 +63,41 @@ def algorithms_of(cfg: Config) -> list[str]:
     return list(ALGORITHMS) if cfg.algorithm == "all" else [cfg.algorithm]
 
 
-def prepare_job(cfg: Config, fabric: Fabric | None = None) -> tuple[Backbone, DatasetBundle, Partition, ClientData]:
+@dataclass
+class Job:
+    """A configured job: the frozen backbone, the dataset, its partition and the clients' cached data, ready to
+    build one orchestrator per algorithm (see :func:`build_job`)."""
+
+    cfg: Config
+    backbone: Backbone
+    bundle: DatasetBundle
+    partition: Partition
+    data: ClientData
+    fabric: Fabric | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone and the client modules live."""
+        return self.fabric.device if self.fabric is not None else torch.device("cpu")
+
+    def build(self, name: str | None = None) -> tuple[Algorithm, ClientModule]:
+        """The algorithm ``name`` (default ``cfg.algorithm``) and its client module on the job's device; every
+        client's initial prompt and gate come from one draw seeded by ``cfg.seed``."""
+        algorithm = build_algorithm(self.cfg, name)
+        torch.manual_seed(self.cfg.seed)
+        return algorithm, algorithm.build_module(self.backbone, self.bundle.classnames).to(self.device)
+
+    def orchestrator(self, run_dir: str | Path, name: str | None = None, meta: dict | None = None,
+                     built: tuple[Algorithm, ClientModule] | None = None) -> Orchestrator:
+        """An orchestrator that runs algorithm ``name`` into ``run_dir`` (``built``: a prebuilt algorithm and
+        module from :meth:`build`)."""
+        algorithm, module = built or self.build(name)
+        meta = meta if meta is not None else {"dataset": self.bundle.name, "config_digest": config_digest(self.cfg),
+                                               "world_size": self.fabric.world_size if self.fabric else 1}
+        return Orchestrator(self.cfg, algorithm, module, self.data, Path(run_dir), fabric=self.fabric, meta=meta)
+
+
+def build_job(cfg: Config, fabric: Fabric | None = None) -> Job:
     """Backbone, dataset, partition and cached features for ``cfg`` (on ``fabric.device``, CPU without Fabric).
     With several processes, rank 0 builds the backbone first so that the others only read the cache."""
     rank = fabric.global_rank if fabric is not None else 0
@@ -78,7 +114,7 @@ def prepare_job(cfg: Config, fabric: Fabric | None = None) -> tuple[Backbone, Da
     partition = make_partition(bundle, cfg.data, cfg.seed)
     cache = FeatureCache(cache_dir / "features" if cfg.perf.disk_cache else None)
     data = build_client_data(cfg, backbone, bundle, partition, device, cache)
-    return backbone, bundle, partition, data
+    return Job(cfg, backbone, bundle, partition, data, fabric)
 
 
 def _resolve_run_dir(cfg: Config, fabric: Fabric) -> tuple[Path, bool]:
@@ -106,15 +142,16 @@ def run_experiment(cfg: Config) -> list[dict]:
 
     # Everything that can fail on bad input happens before the run directory exists.
     t0 = time.perf_counter()
-    backbone, bundle, partition, data = prepare_job(cfg, fabric)
+    job = build_job(cfg, fabric)
+    bundle, partition, data = job.bundle, job.partition, job.data
     log(f"fedlit | {bundle.name}: {bundle.num_classes} classes, {len(bundle.train)} train / {len(bundle.test)} test"
         f" | {cfg.data.partition} partition over {partition.num_clients} clients (digest {partition.digest()[:12]})"
-        f" | backbone {backbone.name} | {fabric.world_size} process(es), precision {cfg.trainer.precision}")
+        f" | backbone {job.backbone.name} | {fabric.world_size} process(es), precision {cfg.trainer.precision}")
     log(f"fedlit | backbone and image features ready in {time.perf_counter() - t0:.1f} s "
         f"({'train+test cached' if data.train_features is not None else 'test cached, train augmented'})")
 
     if is_pretrained(cfg) and data.test_features is not None:
-        accuracy = zero_shot_accuracy(backbone, bundle.classnames, data.test_features, data.test_labels,
+        accuracy = zero_shot_accuracy(job.backbone, bundle.classnames, data.test_features, data.test_labels,
                                       cfg.method.template)
         log(f"fedlit | zero-shot accuracy before training: {100 * accuracy:.2f}% on {bundle.num_classes} classes "
             f"(chance {100 / bundle.num_classes:.2f}%)")
@@ -122,30 +159,24 @@ def run_experiment(cfg: Config) -> list[dict]:
             check_zero_shot(accuracy, bundle.num_classes, bundle.name)
 
     names = algorithms_of(cfg)
-    modules = {}
-    for name in names:  # built before the run directory exists: a bad gate/prompt setting leaves nothing behind
-        torch.manual_seed(cfg.seed)  # every client's initial prompt and gate come from this one draw
-        algorithm = build_algorithm(cfg, name)
-        modules[name] = (algorithm, algorithm.build_module(backbone, bundle.classnames).to(fabric.device))
+    built = {name: job.build(name) for name in names}  # before the run directory exists: bad settings leave nothing
 
     run_dir, resuming = _resolve_run_dir(cfg, fabric)
     if fabric.global_rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        atomic_write(run_dir / "config.yaml", to_yaml(cfg))
         save_manifest(partition, run_dir / "partition.json", bundle.train.targets, bundle.test.targets)
     fabric.barrier()
     log(f"fedlit | run directory {run_dir}{' (resuming)' if resuming else ''}")
 
-    meta = {"dataset": bundle.name, "config_digest": config_digest(cfg), "world_size": fabric.world_size}
     results = []
-    for name, (algorithm, module) in modules.items():
+    for name in names:
         out = run_dir / name if len(names) > 1 else run_dir
-        orchestrator = Orchestrator(cfg, algorithm, module, data, out, fabric=fabric, meta=meta)
-        results.append(orchestrator.run(resume=resuming))
+        results.append(job.orchestrator(out, built=built[name]).run(resume=resuming))
     if len(results) > 1:
         log("\n" + comparison_table(results))
     log(f"fedlit | results in {run_dir}")
     return results
 
 
-__all__ = ["run_experiment", "Preempted", "requeue_slurm_job", "config_digest"]
+__all__ = ["run_experiment", "build_job", "Job", "Preempted", "requeue_slurm_job", "config_digest"]

@@ -8,6 +8,7 @@ that a federated simulator can keep many clients' state in a store and swap it i
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import torch
@@ -68,10 +69,17 @@ class ClientModule(L.LightningModule):
         extra = self.regularizer()
         return loss if extra is None else loss + extra
 
-    # -- groups of clients (batched local training) ------------------------------------------------------------
+    # -- per-round inputs and groups of clients ---------------------------------------------------------------
+    def set_extras(self, extras: dict[str, Any]) -> None:
+        """Take a plan's per-method inputs (``ClientPlan.extras``, e.g. expert prompts or a FedProx centre); each
+        subclass consumes its own keys and passes the rest on. An empty dict resets them all."""
+        if extras:
+            raise KeyError(f"{type(self).__name__} does not take the plan extras {sorted(extras)}")
+
     def client_extras(self) -> dict[str, Tensor]:
-        """The client's tensors besides its parameters that its loss depends on (set by ``Algorithm.load``, e.g.
-        expert features or a FedProx centre); a batched trainer stacks them over a group. Empty by default."""
+        """The client's tensors besides its parameters that its loss depends on (derived from :meth:`set_extras`,
+        e.g. expert text features or a FedProx centre); the local trainer stacks them over a group. Empty by
+        default."""
         return {}
 
     def group_logits(self, params: dict[str, Tensor], image_features: Tensor, extras: dict[str, Tensor]) -> Tensor:

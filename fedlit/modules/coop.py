@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -9,8 +11,7 @@ from fedlit.backbone import Backbone
 from fedlit.config import PromptConfig
 from fedlit.modules.base import ClientModule
 from fedlit.prompts import PromptLearner
-
-CTX = "prompt_learner.ctx"
+from fedlit.state import PROMPT as CTX
 
 
 class CoOpClient(ClientModule):
@@ -39,6 +40,12 @@ class CoOpClient(ClientModule):
     def set_prox_center(self, ctx: Tensor | None) -> None:
         """Anchor of the FedProx term (the round's global prompt); None removes the term."""
         self.prox_center = torch.empty(0) if ctx is None else ctx.detach().clone().to(self.prompt_learner.ctx)
+
+    def set_extras(self, extras: dict[str, Any]) -> None:
+        """``prox_center`` (the round's global prompt) sets FedProx's centre; without it there is none."""
+        rest = dict(extras)
+        self.set_prox_center(rest.pop("prox_center", None))
+        super().set_extras(rest)
 
     def regularizer(self) -> Tensor | None:
         extra = self.group_regularizer({CTX: self.prompt_learner.ctx.unsqueeze(0)},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -9,8 +11,7 @@ from fedlit.backbone import Backbone
 from fedlit.config import GateConfig
 from fedlit.gating import AttentionGate
 from fedlit.modules.coop import CTX, CoOpClient
-
-GATE = "gate."
+from fedlit.state import GATE
 
 
 class PFedMoAPClient(CoOpClient):
@@ -24,7 +25,9 @@ class PFedMoAPClient(CoOpClient):
         self.gate = AttentionGate(backbone.feature_dim, d_gate=gate.d_gate, num_heads=gate.num_heads,
                                   scale=gate.scale, top_k=gate.top_k)
         self.lam = lam
-        self.register_buffer("expert_features", torch.empty(0), persistent=False)
+        self.register_buffer("expert_ctx", torch.empty(0), persistent=False)  # (K, *ctx_shape) loaded experts
+        self.register_buffer("expert_features", torch.empty(0), persistent=False)  # (K, C, D), frozen
+        self._feature_cache: dict[int, tuple[int, Tensor]] = {}  # pool id -> (upload round, features (C, D))
 
     @property
     def num_loaded_experts(self) -> int:
@@ -36,15 +39,45 @@ class PFedMoAPClient(CoOpClient):
         """Normalised text features ``(K, C, D)`` of ``K`` stacked expert contexts ``(K, *ctx_shape)``."""
         return self.prompt_learner.text_features(self.backbone, expert_ctx.to(self.prompt_learner.ctx))
 
-    def load_experts(self, expert_ctx: Tensor | None) -> None:
-        """Load ``K`` expert prompts ``(K, *ctx_shape)`` (None or K = 0 unloads them)."""
+    def load_experts(self, expert_ctx: Tensor | None, keys: list | None = None) -> None:
+        """Load ``K`` frozen expert prompts ``(K, *ctx_shape)`` (None or K = 0 unloads them) and encode them.
+
+        ``keys`` (one hashable ``[pool id, upload round]`` per expert) lets the module reuse an expert's features
+        across the clients of a process: each distinct expert prompt is encoded once. The cache keeps at most one
+        entry per pool id, its newest round, so it never outgrows the pool.
+        """
         if expert_ctx is None or expert_ctx.shape[0] == 0:
-            self.set_expert_features(None)
-        else:
-            self.set_expert_features(self.expert_text_features(expert_ctx))
+            self.expert_ctx = torch.empty(0)
+            self.expert_features = torch.empty(0)
+            return
+        keys = keys if keys is not None else [None] * expert_ctx.shape[0]
+        if len(keys) != expert_ctx.shape[0]:
+            raise ValueError(f"{len(keys)} expert keys for {expert_ctx.shape[0]} expert prompts")
+        self.expert_ctx = expert_ctx.detach().clone().to(self.prompt_learner.ctx)
+        self.expert_features = torch.stack([self._expert_features(self.expert_ctx[j : j + 1], key)
+                                            for j, key in enumerate(keys)])
+
+    def _expert_features(self, ctx: Tensor, key) -> Tensor:
+        """Features ``(C, D)`` of one expert prompt ``(1, *ctx_shape)``, through the per-process cache."""
+        if key is None:
+            return self.expert_text_features(ctx)[0]
+        pool_id, upload_round = (int(k) for k in key)
+        cached = self._feature_cache.get(pool_id)
+        if cached is not None and cached[0] == upload_round:
+            return cached[1]
+        features = self.expert_text_features(ctx)[0]
+        if cached is None or cached[0] < upload_round:  # an older upload of this client is never needed again
+            self._feature_cache[pool_id] = (upload_round, features)
+        return features
+
+    def set_extras(self, extras: dict[str, Any]) -> None:
+        """``experts`` ``(K, *ctx_shape)`` with their ``expert_keys``; without them the client has no experts."""
+        rest = dict(extras)
+        self.load_experts(rest.pop("experts", None), rest.pop("expert_keys", None))
+        super().set_extras(rest)
 
     def set_expert_features(self, features: Tensor | None) -> None:
-        """Load precomputed expert text features ``(K, C, D)`` (shared by several clients of a process)."""
+        """Load precomputed expert text features ``(K, C, D)`` (e.g. shared by several modules)."""
         self.expert_features = torch.empty(0) if features is None else features.detach()
 
     def logits_from(self, image_features: Tensor, text_features: Tensor) -> Tensor:
