@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from fedlit.cli import main
 from fedlit.config import load_config, valid_keys
-from tests.helpers import FAST, cache_dir, train_cli
+from tests.helpers import FAST, ROOT, cache_dir, train_cli
 
 BAD_INPUTS = [
     (["fed.roundz=3"], "unknown config key 'fed.roundz'; did you mean fed.rounds"),
@@ -61,10 +69,120 @@ def test_config_files_and_overrides_merge_over_typed_defaults(tmp_path):
 
 
 def test_the_shipped_configs_load():
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(root.rglob("*.yaml")):
         if "sweeps" in path.parts:
             continue
         load_config(path)
+
+
+def test_debug_shows_the_traceback_of_a_user_error(capsys):
+    assert main(["fed.rounds=0"]) == 2
+    assert capsys.readouterr().err == "error: fed.rounds must be >= 1 (got 0)\n"
+    assert main(["--debug", "fed.rounds=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "ConfigError" in err
+    assert err.splitlines()[-1] == "error: fed.rounds must be >= 1 (got 0)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "error: unrecognized arguments: --bogus (see fedlit-train --help)"),
+    (["fed.rounds=2", "--config"], "error: argument --config/-c: expected one argument (see fedlit-train --help)"),
+])
+def test_usage_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+@pytest.fixture
+def fake_run(monkeypatch, tmp_path):
+    """Replace the experiment by ``behaviour(cfg)``; returns the argv of a valid fast run under ``tmp_path``."""
+    import fedlit.federation.experiment as experiment
+
+    def install(behaviour):
+        monkeypatch.setattr(experiment, "run_experiment", behaviour)
+        return FAST + [f"run.out_dir={tmp_path / 'runs'}", f"backbone.cache_dir={cache_dir()}"]
+
+    return install
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug"), RuntimeError("a bug"), FileNotFoundError(2, "No such file"),
+                                   KeyError("a bug"), OSError(5, "Input/output error")])
+def test_any_other_exception_is_a_bug_and_keeps_its_traceback(fake_run, capsys, error):
+    def fail(cfg):
+        raise error
+
+    argv = fake_run(fail)
+    with pytest.raises(type(error)) as raised:
+        main(argv)
+    assert raised.value is error and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("code, text", [(errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied"),
+                                        (errno.EROFS, "Read-only file system"), (errno.EDQUOT, "Disk quota exceeded")])
+def test_refused_writes_are_one_line_naming_the_path(fake_run, capsys, tmp_path, code, text):
+    def fail(cfg):
+        raise OSError(code, text, f"{cfg.run.out_dir}/default/checkpoint.pt")
+
+    argv = fake_run(fail)
+    assert main(argv) == 2
+    path = tmp_path / "runs" / "default" / "checkpoint.pt"
+    assert capsys.readouterr().err == f"error: cannot write {path}: {text} (errno {code})\n"
+
+
+def test_torch_save_on_a_full_disk_is_one_line_not_a_cxx_assertion(fake_run, capsys):
+    import torch
+
+    def save_to_full_disk(cfg):
+        with open("/dev/full", "wb") as f:  # every write fails with ENOSPC
+            torch.save({"ctx": torch.zeros(100_000)}, f)
+
+    argv = fake_run(save_to_full_disk)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: cannot write: No space left on device (errno {errno.ENOSPC})\n"
+
+
+def test_stopped_run_exits_3_and_says_how_to_resume(fake_run, capsys, monkeypatch):
+    from fedlit.federation.signals import Preempted
+
+    def stop(cfg):
+        raise Preempted("stopped after round 2")
+
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(fake_run(stop)) == 3
+    assert capsys.readouterr().err == "fedlit: stopped after round 2; resume with run.resume=auto\n"
+
+
+def test_the_signal_module_and_the_cli_import_nothing_heavy():
+    code = ("import sys, fedlit.federation.signals, fedlit.cli; "
+            "print(sorted(m for m in ('torch', 'lightning', 'omegaconf', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _handles_sigusr1(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGUSR1 (the SigCgt mask of /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signal.SIGUSR1 - 1) & 1)
+
+
+@pytest.mark.parametrize("entry", ["experiments/train.py", "fedlit-train"])
+def test_sigusr1_during_start_up_stops_at_the_first_round_boundary(tmp_path, entry):
+    command = ([sys.executable, str(ROOT / entry)] if entry.endswith(".py") else
+               [str(Path(sys.executable).parent / entry)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(command + FAST + [f"run.out_dir={tmp_path}", f"backbone.cache_dir={cache_dir()}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    while not _handles_sigusr1(proc.pid):  # the handler goes in before torch and lightning load
+        assert proc.poll() is None and time.monotonic() - start < 10, proc.communicate()
+        time.sleep(0.002)
+    assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err
+    assert err.strip().splitlines()[-1] == "fedlit: stopped after round 1; resume with run.resume=auto"
+    assert list(tmp_path.rglob("checkpoint.pt"))
