@@ -72,14 +72,14 @@ def restrict_classes(bundle, num_classes: int):
 
 def run_one_path(name: str, optimised: bool, rounds: int, client_batch: int) -> dict:
     """Run ``rounds`` rounds of config ``name`` on one path in this process; returns timings and accuracies."""
-    from fedlit.algorithms import build_algorithm
     from fedlit.backbone import load_backbone
     from fedlit.config import load_config
     from fedlit.data.features import FeatureCache
     from fedlit.data.partition import make_partition
     from fedlit.data.registry import build_dataset
     from fedlit.federation.client_data import build_client_data
-    from fedlit.federation.orchestrator import Orchestrator, peak_memory_bytes
+    from fedlit.federation.experiment import Job
+    from fedlit.federation.orchestrator import peak_memory_bytes
 
     overrides, num_classes = _split_bench({**CONFIGS, **SMOKE}[name])
     perf = ([f"perf.client_batch={client_batch}"] if optimised else
@@ -92,12 +92,8 @@ def run_one_path(name: str, optimised: bool, rounds: int, client_batch: int) -> 
     t0 = time.perf_counter()
     data = build_client_data(cfg, backbone, bundle, partition, torch.device("cpu"), FeatureCache(None))
     cache_seconds = time.perf_counter() - t0
-    algorithm = build_algorithm(cfg)
-    torch.manual_seed(cfg.seed)
-    module = algorithm.build_module(backbone, bundle.classnames)
     with tempfile.TemporaryDirectory() as tmp:
-        orchestrator = Orchestrator(cfg, algorithm, module, data, Path(tmp))
-        results = orchestrator.run()
+        results = Job(cfg, backbone, bundle, partition, data).orchestrator(Path(tmp)).run()
         rows = list((Path(tmp) / "metrics.csv").read_text().splitlines())
     seconds = [float(r.split(",")[-1]) for r in rows[1:]]
     steps_per_round = sum(math.ceil(len(ix) / cfg.data.batch_size) for ix in partition.train_indices)

@@ -8,6 +8,7 @@ that a federated simulator can keep many clients' state in a store and swap it i
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import lightning as L
@@ -25,6 +26,26 @@ def cosine_factor(epoch: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1)))
 
 
+def as_config(cls: type, value: Any) -> Any:
+    """``value`` as the dataclass ``cls``: None gives the defaults, a dict (e.g. from a checkpoint's
+    hyper-parameters) its fields."""
+    if value is None:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
+
+
+def _drop_backbone_entries(module: L.LightningModule, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: the frozen backbone is shared and loaded on its own, never saved with a client."""
+    for key in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_backbone_entries(module: L.LightningModule, incompatible_keys) -> None:
+    """Load post-hook: a client's state dict has no backbone entries; strict loading must not ask for them."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith("backbone.") and ".backbone." not in k]
+
+
 class ClientModule(L.LightningModule):
     """Base class: ``forward(x) -> logits (B, C)`` where ``x`` is images ``(B, 3, H, W)`` or cached image
     features ``(B, D)``; one cross-entropy in ``training_step``; accuracy in validation/test steps."""
@@ -32,10 +53,14 @@ class ClientModule(L.LightningModule):
     def __init__(self, backbone: Backbone, classnames: list[str], optim: OptimConfig | None = None,
                  epochs: int | None = None):
         super().__init__()
+        # Every subclass's constructor arguments but the shared frozen backbone (pass it to load_from_checkpoint).
+        self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
+        self.register_state_dict_post_hook(_drop_backbone_entries)
+        self.register_load_state_dict_post_hook(_ignore_missing_backbone_entries)
         self.classnames = list(classnames)
         self.num_classes = len(classnames)
-        self.optim = optim or OptimConfig()
+        self.optim = as_config(OptimConfig, optim)
         self.epochs = epochs
         self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(self.num_classes, average="micro")
@@ -99,6 +124,18 @@ class ClientModule(L.LightningModule):
         ce = torch.stack([F.cross_entropy(logits[g, :n].float(), labels[g, :n]) for g, n in enumerate(sizes)])
         extra = self.group_regularizer(params, extras)
         return ce if extra is None else ce + extra
+
+    def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int = 0) -> Tensor:
+        """Logits ``(B, C)`` of a batch of images or cached features (a ``(x, y)`` pair's labels are ignored)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Config dataclasses in the hyper-parameters are stored as plain dicts, so that the checkpoint loads
+        with ``weights_only=True`` (constructors take either form)."""
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams:
+            checkpoint["hyper_parameters"] = {k: asdict(v) if is_dataclass(v) else v for k, v in hparams.items()}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fedlit.backbone import Backbone
 from fedlit.config import PromptConfig
-from fedlit.modules.base import ClientModule
+from fedlit.modules.base import ClientModule, as_config
 from fedlit.prompts import PromptLearner
 from fedlit.state import PROMPT as CTX
 
@@ -25,7 +25,7 @@ class CoOpClient(ClientModule):
                  prox_mu: float = 0.0, seed: int | None = None, cut: bool = True, share_prefix: bool = True,
                  **kwargs):
         super().__init__(backbone, classnames, **kwargs)
-        prompt = prompt or PromptConfig()
+        prompt = as_config(PromptConfig, prompt)
         self.prompt_learner = PromptLearner(
             backbone, classnames, n_ctx=prompt.n_ctx, ctx_init=prompt.ctx_init, class_specific=prompt.class_specific,
             class_position=prompt.class_position, init_std=prompt.init_std, seed=seed, cut=cut,

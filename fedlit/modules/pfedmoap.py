@@ -10,8 +10,21 @@ from torch import Tensor
 from fedlit.backbone import Backbone
 from fedlit.config import GateConfig
 from fedlit.gating import AttentionGate
+from fedlit.modules.base import as_config
 from fedlit.modules.coop import CTX, CoOpClient
 from fedlit.state import GATE
+
+
+def _resize_expert_ctx(module: PFedMoAPClient, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: a saved client may hold another number of experts K than this one; take its shape."""
+    saved = state_dict.get(prefix + "expert_ctx")
+    if saved is not None:
+        module.expert_ctx = torch.empty_like(saved, device=module.expert_ctx.device)
+
+
+def _encode_loaded_experts(module: PFedMoAPClient, incompatible_keys) -> None:
+    """Load post-hook: encode the loaded expert prompts (their features are derived, never saved)."""
+    module.load_experts(module.expert_ctx.clone() if module.expert_ctx.numel() else None)
 
 
 class PFedMoAPClient(CoOpClient):
@@ -21,13 +34,15 @@ class PFedMoAPClient(CoOpClient):
     def __init__(self, backbone: Backbone, classnames: list[str], gate: GateConfig | None = None, lam: float = 0.5,
                  **kwargs):
         super().__init__(backbone, classnames, **kwargs)
-        gate = gate or GateConfig()
+        gate = as_config(GateConfig, gate)
         self.gate = AttentionGate(backbone.feature_dim, d_gate=gate.d_gate, num_heads=gate.num_heads,
                                   scale=gate.scale, top_k=gate.top_k)
         self.lam = lam
-        self.register_buffer("expert_ctx", torch.empty(0), persistent=False)  # (K, *ctx_shape) loaded experts
+        self.register_buffer("expert_ctx", torch.empty(0))  # (K, *ctx_shape) loaded experts, saved with the module
         self.register_buffer("expert_features", torch.empty(0), persistent=False)  # (K, C, D), frozen
         self._feature_cache: dict[int, tuple[int, Tensor]] = {}  # pool id -> (upload round, features (C, D))
+        self.register_load_state_dict_pre_hook(_resize_expert_ctx)
+        self.register_load_state_dict_post_hook(_encode_loaded_experts)
 
     @property
     def num_loaded_experts(self) -> int:
