@@ -13,8 +13,8 @@ paths. The rules for names and paths:
   existing ancestor must be a writable directory. Nothing is created by the check.
 - ``run.resume`` is null, ``auto``, or an existing writable fedlit run directory (it holds ``config.yaml`` or
   ``checkpoint.pt``); a resumed run keeps writing there.
-- ``backbone.pretrained`` that names a file (as :mod:`fedlit.backbone` decides: a path or a weights suffix, or any
-  value for the random ``tiny`` backbone) must exist.
+- ``backbone.pretrained`` is refused with the built-in backbones (``tiny``, ``shapes-clip``); one that names a file
+  (as :mod:`fedlit.backbone` decides: a path or a weights suffix) must exist.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-t
 # fedlit calls Fabric.launch() without a function and never wraps models: spawn, FSDP and DeepSpeed do not apply.
 STRATEGIES = ("auto", "ddp")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")  # as fedlit.backbone: pretrained is a file
-LOCAL_BACKBONES = ("tiny",)  # backbones whose pretrained value can only be a weights file
+BUILTIN_BACKBONES = ("tiny", "shapes-clip")  # fedlit's own weights: backbone.pretrained does not apply
 MAX_INT = 2**31 - 1  # integer keys above this only overflow C code (numpy, torch) further down
 MAX_SEED = 2**32 - 1
 MAX_NAME_LENGTH = 100
@@ -462,10 +462,10 @@ def _check_creatable_dir(key: str, value: str) -> None:
                                                    f"{existing})")
 
 
-def _looks_like_file(backbone: str, pretrained: str) -> bool:
+def _looks_like_file(pretrained: str) -> bool:
     """Whether ``pretrained`` names a weights file rather than an open_clip tag (fedlit.backbone's rule)."""
-    return (backbone in LOCAL_BACKBONES or pretrained.endswith(WEIGHT_SUFFIXES) or "/" in pretrained
-            or os.sep in pretrained or pretrained.startswith(("~", ".")))
+    return (pretrained.endswith(WEIGHT_SUFFIXES) or "/" in pretrained or os.sep in pretrained
+            or pretrained.startswith(("~", ".")))
 
 
 def _check_top(cfg: Config) -> None:
@@ -483,7 +483,10 @@ def _check_backbone(b: BackboneConfig) -> None:
         return
     _check(b.pretrained.strip() != "", "backbone.pretrained must be null, an open_clip tag or a weights file "
                                        "(got '')")
-    if _looks_like_file(b.name, b.pretrained):
+    _check(b.name not in BUILTIN_BACKBONES,
+           f"backbone.pretrained={b.pretrained} cannot be used with the built-in backbone '{b.name}'; unset "
+           "backbone.pretrained, or set backbone.name to an open_clip model")
+    if _looks_like_file(b.pretrained):
         file = _expand("backbone.pretrained", b.pretrained)
         _check(file.is_file(), f"backbone weights file not found: {file} (set backbone.pretrained to an existing "
                                "file, an open_clip tag or null)")

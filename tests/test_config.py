@@ -186,11 +186,21 @@ def test_resume_takes_auto_or_a_fedlit_run_directory(tmp_path):
 
 def test_local_weights_must_exist(tmp_path):
     weights = tmp_path / "w.pt"
-    assert "backbone weights file not found" in refused(tmp_path, f"backbone.pretrained={weights}")
+    assert refused(tmp_path, "backbone.name=RN50", f"backbone.pretrained={weights}") == (
+        f"backbone weights file not found: {weights} (set backbone.pretrained to an existing file, an open_clip tag "
+        "or null)")
     weights.write_bytes(b"")
-    assert fast(tmp_path, f"backbone.pretrained={weights}").backbone.pretrained == str(weights)
+    assert fast(tmp_path, "backbone.name=RN50", f"backbone.pretrained={weights}").backbone.pretrained == str(weights)
     # an open_clip tag is not a file: whether it exists is the backbone's business
     assert fast(tmp_path, "backbone.name=RN50", "backbone.pretrained=openai").backbone.pretrained == "openai"
+
+
+@pytest.mark.parametrize("name", ["tiny", "shapes-clip"])
+def test_pretrained_is_refused_with_the_built_in_backbones(tmp_path, name):
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    for pretrained in ("openai", tmp_path / "w.pt"):
+        assert refused(tmp_path, f"backbone.name={name}", f"backbone.pretrained={pretrained}").startswith(
+            f"backbone.pretrained={pretrained} cannot be used with the built-in backbone '{name}'")
 
 
 def test_yaml_files_empty_or_with_empty_sections_give_the_defaults(tmp_path):
