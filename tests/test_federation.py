@@ -108,3 +108,44 @@ def test_bf16_mixed_precision_keeps_fp32_master_state_and_the_fused_gate(tmp_pat
     for entry in ckpt["store"].values():
         assert all(v.dtype == torch.float32 for v in entry["state"].values())
     assert all(0.0 <= a <= 1.0 for a in res["rounds"][-1]["accuracy"])
+
+
+def test_extending_a_finished_run_equals_a_straight_run_with_eval_every(tmp_path):
+    common = ["algorithm=promptfl", "fed.eval_every=2", "run.name=extend"]
+    straight = run_experiment(fast_config(tmp_path / "straight", *common, "fed.rounds=4"))[0]
+    short = run_experiment(fast_config(tmp_path / "ext", *common, "fed.rounds=3"))[0]
+    assert [r["round"] for r in short["rounds"]] == [2, 3]  # the final round is evaluated once the run is final
+    extended = run_experiment(fast_config(tmp_path / "ext", *common, "fed.rounds=4", "run.resume=auto"))[0]
+    assert [r["round"] for r in straight["rounds"]] == [2, 4]
+    assert extended["rounds"] == straight["rounds"] and extended["final"] == straight["final"]
+
+
+def test_final_summarises_every_reported_metric(tmp_path):
+    [res] = run_experiment(fast_config(tmp_path, "algorithm=promptfl", "fed.rounds=3"))
+    rows, final = res["rounds"], res["final"]
+    for metric in ("acc_mean", "acc_weighted", "acc_worst10", "acc_global"):
+        values = [row[metric] for row in rows]
+        assert final[metric] == {"last_round": values[-1], "mean_last_5": pytest.approx(sum(values) / len(values))}
+    assert final["last_round"] == final["acc_mean"]["last_round"]
+    [local] = run_experiment(fast_config(tmp_path / "local", "algorithm=coop_local", "fed.rounds=1"))
+    assert "acc_global" not in local["final"]  # CoOp local has no global model
+
+
+def test_clients_without_test_samples_are_left_out_of_averages():
+    from fedlit.metrics import round_metrics
+
+    row = round_metrics([0.5, None, 1.0, 0.0], [2, 0, 4, 2])
+    assert row["acc_mean"] == 0.5 and row["clients_without_test"] == 1
+    assert row["acc_weighted"] == (0.5 * 2 + 1.0 * 4) / 8
+    assert row["acc_worst10"] == 0.0
+
+
+def test_a_stop_signal_during_the_last_round_is_not_a_stop(tmp_path, monkeypatch):
+    from fedlit.federation.signals import STOP
+
+    monkeypatch.setattr(STOP, "signal", 10)  # as if SIGUSR1 arrived: every round boundary sees a stop request
+    cfg = fast_config(tmp_path, "algorithm=promptfl", "fed.rounds=1")
+    [res] = run_experiment(cfg)  # one round: the request lands after the final round, nothing is left to resume
+    assert [r["round"] for r in res["rounds"]] == [1]
+    with pytest.raises(orchestrator_module.Preempted):
+        run_experiment(fast_config(tmp_path / "two", "algorithm=promptfl", "fed.rounds=2"))
