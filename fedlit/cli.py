@@ -82,10 +82,12 @@ def write_error(err: BaseException) -> OSError | None:
     return None
 
 
-def write_error_message(err: OSError) -> str:
-    """One line for a refused write, naming the path when the OSError carries one."""
-    where = f" {err.filename}" if err.filename else ""
-    return f"cannot write{where}: {err.strerror or errno.errorcode.get(err.errno or 0, 'error')} (errno {err.errno})"
+def write_error_message(err: OSError, out_dir: str, cache_dir: str) -> str:
+    """One line for a refused write, naming the path the OSError carries, else the two places a run writes to."""
+    reason = f"{err.strerror or errno.errorcode.get(err.errno or 0, 'error')} (errno {err.errno})"
+    if err.filename:
+        return f"cannot write {err.filename}: {reason}"
+    return f"cannot write under run.out_dir={out_dir} or backbone.cache_dir={cache_dir}: {reason}"
 
 
 def check_accelerator(accelerator: str, devices: int) -> None:
@@ -105,7 +107,8 @@ def check_accelerator(accelerator: str, devices: int) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    """Load and validate the configuration, then run it; returns the exit code (0, or 3 after a stop signal)."""
+    """Load and validate the configuration, then run it; returns the exit code (0, or 3 after a stop signal). A
+    refused write (disk full, permission, read-only, quota) becomes a UserError."""
     from fedlit.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -118,6 +121,11 @@ def train(args: argparse.Namespace) -> int:
         requeued = requeue_slurm_job()
         print(f"fedlit: {stop}; {'requeued' if requeued else 'resume with run.resume=auto'}", file=sys.stderr)
         return 0 if requeued else EXIT_STOPPED
+    except Exception as err:
+        refused = write_error(err)
+        if refused is None:
+            raise
+        raise UserError(write_error_message(refused, cfg.run.out_dir, cfg.backbone.cache_dir)) from err
     return 0
 
 
@@ -138,11 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         return train(parse_args(argv))
     except UserError as err:
         return _report(str(err), debug)
-    except Exception as err:
-        refused = write_error(err)
-        if refused is None:
-            raise
-        return _report(write_error_message(refused), debug)
     finally:
         STOP.uninstall()
 

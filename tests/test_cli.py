@@ -130,7 +130,7 @@ def test_refused_writes_are_one_line_naming_the_path(fake_run, capsys, tmp_path,
     assert capsys.readouterr().err == f"error: cannot write {path}: {text} (errno {code})\n"
 
 
-def test_torch_save_on_a_full_disk_is_one_line_not_a_cxx_assertion(fake_run, capsys):
+def test_torch_save_on_a_full_disk_is_one_line_not_a_cxx_assertion(fake_run, capsys, tmp_path):
     import torch
 
     def save_to_full_disk(cfg):
@@ -139,7 +139,8 @@ def test_torch_save_on_a_full_disk_is_one_line_not_a_cxx_assertion(fake_run, cap
 
     argv = fake_run(save_to_full_disk)
     assert main(argv) == 2
-    assert capsys.readouterr().err == f"error: cannot write: No space left on device (errno {errno.ENOSPC})\n"
+    assert capsys.readouterr().err == (f"error: cannot write under run.out_dir={tmp_path / 'runs'} or "
+                                       f"backbone.cache_dir={cache_dir()}: No space left on device (errno 28)\n")
 
 
 def test_stopped_run_exits_3_and_says_how_to_resume(fake_run, capsys, monkeypatch):
