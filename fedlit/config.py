@@ -33,7 +33,18 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from fedlit.errors import UserError
 
-ALGORITHMS = ("zeroshot", "coop_local", "promptfl", "fedprox", "pfedmoap")
+BASELINE_ORDER = ("zeroshot", "coop_local", "promptfl", "fedprox", "pfedmoap")  # first in algorithm=all
+
+
+def algorithm_names() -> tuple[str, ...]:
+    """Every method: one file ``fedlit/algorithms/<name>.py`` each (listed, not imported, so that validating a
+    config does not load torch); the baselines first, then the rest by name."""
+    folder = Path(__file__).with_name("algorithms")
+    found = {p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "base")}
+    return tuple(n for n in BASELINE_ORDER if n in found) + tuple(sorted(found - set(BASELINE_ORDER)))
+
+
+ALGORITHMS = algorithm_names()
 PARTITIONS = ("iid", "dirichlet", "pathological", "domain")
 # The names of fedlit.data.registry.DATASET_NAMES (a test keeps them equal; importing it here would pull in torch).
 DATASETS = ("shapes", "cifar10", "cifar100", "caltech101", "oxford_pets", "flowers102", "food101", "dtd",
