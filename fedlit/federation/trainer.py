@@ -164,7 +164,7 @@ class LocalTrainer:
             return {}
         module = self.module
         module.train()
-        size = self.client_batch
+        size = self.client_batch if module.supports_groups else 1
         uploads: dict[int, Upload] = {}
         if size == 1:  # prepare and train one client at a time: nothing is held for the others
             for cid, plan in plans.items():

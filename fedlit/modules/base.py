@@ -107,6 +107,12 @@ class ClientModule(L.LightningModule):
         default."""
         return {}
 
+    @property
+    def supports_groups(self) -> bool:
+        """Whether this module trains several clients at once (it defines :meth:`group_logits`); the local trainer
+        trains the clients of a module without it one at a time."""
+        return type(self).group_logits is not ClientModule.group_logits
+
     def group_logits(self, params: dict[str, Tensor], image_features: Tensor, extras: dict[str, Tensor]) -> Tensor:
         """Logits ``(G, B, C)`` of G clients at once: ``params`` maps each name of :meth:`trainable_parameters` to
         the G clients' stacked values ``(G, *shape)``, ``image_features`` is ``(G, B, D)`` (padded), ``extras``
