@@ -77,7 +77,7 @@ class ConfigError(UserError):
 class BackboneConfig:
     name: str = "shapes-clip"  # open_clip model name, "shapes-clip" (built offline) or "tiny" (random)
     pretrained: str | None = None  # open_clip pretrained tag (e.g. "openai") or a local weights file
-    cache_dir: str = "~/.cache/fedlit"  # where built backbones and feature caches live
+    cache_dir: str | None = None  # built backbones and feature caches (None: $FEDLIT_CACHE or ~/.cache/fedlit)
     sanity_check: bool = True  # pretrained backbones: stop if zero-shot accuracy is at chance (misaligned names)
 
 
@@ -495,9 +495,11 @@ def _check_top(cfg: Config) -> None:
 
 def _check_backbone(b: BackboneConfig) -> None:
     _nonempty("backbone.name", b.name)
-    _nonempty("backbone.cache_dir", b.cache_dir)
-    cache = _expand("backbone.cache_dir", b.cache_dir)
-    _check(not cache.exists() or cache.is_dir(), f"backbone.cache_dir={b.cache_dir!r} exists and is not a directory")
+    if b.cache_dir is not None:
+        _nonempty("backbone.cache_dir", b.cache_dir)
+        cache = _expand("backbone.cache_dir", b.cache_dir)
+        _check(not cache.exists() or cache.is_dir(),
+               f"backbone.cache_dir={b.cache_dir!r} exists and is not a directory")
     if b.pretrained is None:
         return
     _check(b.pretrained.strip() != "", "backbone.pretrained must be null, an open_clip tag or a weights file "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from fedlit.config import Config, load_config
+from fedlit.io import default_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def fast_config(tmp_path: Path, *overrides: str) -> Config:
 
 def cache_dir() -> Path:
     """The shared feature/backbone cache (FEDLIT_CACHE or ~/.cache/fedlit)."""
-    return Path(os.environ.get("FEDLIT_CACHE", "~/.cache/fedlit")).expanduser()
+    return default_cache_dir()
 
 
 def train_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from fedlit.data.registry import build_dataset
 from fedlit.federation.client_data import ClientData, build_client_data
 from fedlit.federation.orchestrator import Orchestrator
 from fedlit.federation.signals import Preempted, requeue_slurm_job
-from fedlit.io import atomic_write
+from fedlit.io import atomic_write, default_cache_dir
 from fedlit.modules import ClientModule
 from fedlit.reporting import comparison_table, latest_run_dir, new_run_dir_name
 from fedlit.sanity import check_zero_shot, zero_shot_accuracy
@@ -102,7 +102,7 @@ def build_job(cfg: Config, fabric: Fabric | None = None) -> Job:
     With several processes, rank 0 builds the backbone first so that the others only read the cache."""
     rank = fabric.global_rank if fabric is not None else 0
     device = fabric.device if fabric is not None else torch.device("cpu")
-    cache_dir = Path(cfg.backbone.cache_dir).expanduser()
+    cache_dir = Path(cfg.backbone.cache_dir).expanduser() if cfg.backbone.cache_dir else default_cache_dir()
     backbone = None
     if rank == 0:
         backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device)
