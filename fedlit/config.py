@@ -144,6 +144,8 @@ class MethodConfig:
     mu: float = 0.01  # FedProx proximal weight
     aggregate_gate: bool = False  # pFedMoAP ablation: FedAvg the gates too
     template: str = "a photo of a {}."  # zero-shot hand prompt
+    ft_epochs: int | None = None  # promptfl_ft: local fine-tuning epochs of P_g before evaluation (None: local_epochs)
+    fedper_global_tokens: int | None = None  # fedper: leading prompt tokens aggregated, rest private (None: n_ctx//2)
 
 
 @dataclass
@@ -172,6 +174,7 @@ class RunConfig:
     out_dir: str = "runs"
     resume: str | None = None  # None | "auto" | path of a run directory
     quiet: bool = False
+    on_nonfinite: str = "stop"  # a client's loss or parameters not finite: stop (exit 4) | skip_client
 
 
 @dataclass
@@ -606,6 +609,8 @@ def _check_run(r: RunConfig) -> None:
            f"run.name={r.name!r} must be a plain folder name of 1-{MAX_NAME_LENGTH} characters: letters, digits and "
            ". _ - + = , @ (starting with a letter, digit or _), no path separators")
     _check_creatable_dir("run.out_dir", r.out_dir)
+    _check(r.on_nonfinite in ("stop", "skip_client"),
+           f"run.on_nonfinite must be stop or skip_client (got {r.on_nonfinite!r})")
     if r.resume in (None, "auto"):
         return
     hint = "use run.resume=auto or the path of a run directory (one that holds config.yaml or checkpoint.pt)"

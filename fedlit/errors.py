@@ -7,3 +7,7 @@ from __future__ import annotations
 class UserError(ValueError):
     """Bad input from the user (a config value, a file, a checkpoint): the message is one line naming the key or
     file and how to fix it. Subclasses ValueError so that library callers catching ValueError keep working."""
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or parameter (exit code 4); the last good checkpoint is kept."""

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
+from fedlit.errors import UserError
 from fedlit.io import atomic_write
 from fedlit.metrics import final_summary
 
@@ -22,6 +25,40 @@ METRIC_COLUMNS = ["round", "clients", "loss", "acc_mean", "acc_weighted", "acc_s
 def new_run_dir_name() -> str:
     """A fresh run directory name: a sortable UTC timestamp plus the process id."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``flock`` on ``<run_dir>/.lock``), held while a run writes there: a
+    second process resuming the same directory is refused in one line. The kernel releases it when the holder
+    exits, even after SIGKILL, so a killed run can be resumed at once."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self._file = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = self.path.open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"run directory {self.path.parent} is in use by {holder}; wait for it to finish or stop "
+                            "it before resuming") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
 
 
 def latest_run_dir(out_dir: str | Path, name: str) -> Path | None:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,12 +21,13 @@ from fedlit.data.base import DatasetBundle
 from fedlit.data.features import FeatureCache
 from fedlit.data.partition import Partition, make_partition, save_manifest
 from fedlit.data.registry import build_dataset
+from fedlit.errors import UserError
 from fedlit.federation.client_data import ClientData, build_client_data
 from fedlit.federation.orchestrator import Orchestrator
 from fedlit.federation.signals import Preempted, requeue_slurm_job
-from fedlit.io import atomic_write, default_cache_dir
+from fedlit.io import atomic_write, default_cache_dir, remove_stale_temporaries
 from fedlit.modules import ClientModule
-from fedlit.reporting import comparison_table, latest_run_dir, new_run_dir_name
+from fedlit.reporting import RunLock, comparison_table, latest_run_dir, new_run_dir_name
 from fedlit.sanity import check_zero_shot, zero_shot_accuracy
 
 # Keys that may differ between an interrupted run and its resumption (layout and bookkeeping, not the maths).
@@ -162,17 +164,27 @@ def run_experiment(cfg: Config) -> list[dict]:
     built = {name: job.build(name) for name in names}  # before the run directory exists: bad settings leave nothing
 
     run_dir, resuming = _resolve_run_dir(cfg, fabric)
-    if fabric.global_rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", to_yaml(cfg))
-        save_manifest(partition, run_dir / "partition.json", bundle.train.targets, bundle.test.targets)
-    fabric.barrier()
-    log(f"fedlit | run directory {run_dir}{' (resuming)' if resuming else ''}")
-
-    results = []
-    for name in names:
-        out = run_dir / name if len(names) > 1 else run_dir
-        results.append(job.orchestrator(out, built=built[name]).run(resume=resuming))
+    outs = {name: run_dir / name if len(names) > 1 else run_dir for name in names}
+    orchestrators = {name: job.orchestrator(outs[name], built=built[name]) for name in names}
+    with ExitStack() as held:
+        error = None
+        if fabric.global_rank == 0:
+            try:  # nothing is written until the directory is ours and every checkpoint to resume matches
+                held.enter_context(RunLock(run_dir))
+                for out in outs.values():
+                    remove_stale_temporaries(out)
+                if resuming:
+                    for orchestrator in orchestrators.values():
+                        orchestrator.verify_checkpoint()
+                atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+                save_manifest(partition, run_dir / "partition.json", bundle.train.targets, bundle.test.targets)
+            except UserError as err:
+                error = str(err)
+        error = fabric.broadcast(error, src=0)
+        if error is not None:
+            raise UserError(error)
+        log(f"fedlit | run directory {run_dir}{' (resuming)' if resuming else ''}")
+        results = [orchestrators[name].run(resume=resuming) for name in names]
     if len(results) > 1:
         log("\n" + comparison_table(results))
     log(f"fedlit | results in {run_dir}")

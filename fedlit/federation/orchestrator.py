@@ -10,6 +10,7 @@ numbers.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from fedlit.algorithms import Algorithm
 from fedlit.config import Config
+from fedlit.errors import Diverged
 from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, restore, save_checkpoint
 from fedlit.federation.client_data import ClientData
 from fedlit.federation.collectives import gather_uploads
@@ -28,7 +30,12 @@ from fedlit.federation.trainer import LocalTrainer, default_client_batch
 from fedlit.metrics import domain_metrics, round_metrics
 from fedlit.modules import ClientModule
 from fedlit.reporting import build_results, memory_per_client, tensor_bytes, write_results
-from fedlit.state import ClientState, StoreEntry
+from fedlit.state import ClientState, StoreEntry, Upload
+
+
+def upload_is_finite(upload: Upload) -> bool:
+    """Whether an upload's loss and every tensor of its state are finite."""
+    return math.isfinite(upload.loss) and all(bool(torch.isfinite(t).all()) for t in upload.state.flat().values())
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -78,6 +85,13 @@ class Orchestrator:
         """Print on rank 0 unless quiet."""
         if self.rank == 0 and not self.cfg.run.quiet:
             print(message, flush=True)
+
+    def verify_checkpoint(self) -> None:
+        """Refuse (one :class:`UserError` line) a checkpoint in ``run_dir`` written by another algorithm,
+        configuration or partition, before anything is written there."""
+        checkpoint = self.run_dir / CHECKPOINT_NAME
+        if checkpoint.is_file():
+            restore(checkpoint, self.identity)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -129,16 +143,33 @@ class Orchestrator:
         local = self.trainer.train({cid: plans[cid] for cid in assignment[self.rank]}, r)
         uploads = gather_uploads(self.fabric, local, self.trainer.empty_upload(self.initial),
                                  max(len(a) for a in assignment))
-        for cid in sampled:
+        kept = self._finite(uploads, sampled, r)
+        for cid in kept:
             state.store[cid] = StoreEntry(uploads[cid].state, algorithm.keep(plans[cid]), last_round=r)
-        state.server = algorithm.aggregate(server, {c: uploads[c] for c in sampled}, sizes)
-        loss = float(np.mean([uploads[c].loss for c in sampled]))
+        state.server = algorithm.aggregate(server, {c: uploads[c] for c in kept}, {c: sizes[c] for c in kept})
+        loss = float(np.mean([uploads[c].loss for c in kept]))
         seconds = time.perf_counter() - t0
         if self._evaluated(r):
-            self._evaluate_round(state, r, loss=loss, clients=len(sampled), seconds=seconds)
+            self._evaluate_round(state, r, loss=loss, clients=len(kept), seconds=seconds)
         else:
-            self.log(f"[{algorithm.name}] round {r:>3}/{cfg.fed.rounds} | clients {len(sampled)} | "
+            self.log(f"[{algorithm.name}] round {r:>3}/{cfg.fed.rounds} | clients {len(kept)} | "
                      f"loss {loss:.4f} | {seconds:.1f} s")
+
+    def _finite(self, uploads: dict[int, Upload], sampled: list[int], r: int) -> list[int]:
+        """The sampled clients whose loss and state are finite. A non-finite one stops the run (:class:`Diverged`,
+        nothing of this round is kept: the last checkpoint is the previous round's) or, with
+        ``run.on_nonfinite=skip_client``, is left out of this round's aggregation and store (all of them: stop)."""
+        bad = [c for c in sampled if not upload_is_finite(uploads[c])]
+        if not bad:
+            return sampled
+        what = ", ".join(f"client {c} (loss {uploads[c].loss:.4g})" for c in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if self.cfg.run.on_nonfinite == "stop" or len(bad) == len(sampled):
+            kept = f"the checkpoint of round {r - 1} is kept" if r > 1 else "no checkpoint was written"
+            raise Diverged(f"[{self.algorithm.name}] round {r}: non-finite loss or parameters from {what}; {kept}. "
+                           "Lower the learning rates (optim.prompt_lr, optim.gate_lr) or set "
+                           "run.on_nonfinite=skip_client")
+        self.log(f"[{self.algorithm.name}] round {r}: skipped {len(bad)} client(s) with non-finite updates: {what}")
+        return [c for c in sampled if c not in bad]
 
     def _evaluated(self, r: int) -> bool:
         """Rounds on the ``eval_every`` schedule, and the run's final round."""
