@@ -3,6 +3,8 @@
 Exit codes: 0 success (or stopped and requeued under Slurm), 2 bad input (:class:`~fedlit.errors.UserError`, or a
 write refused because the disk is full, read-only, over quota or not permitted): one line ``error: ...`` on
 stderr, and nothing written when the input is bad. 3 stopped by SIGUSR1/SIGTERM (resume with ``run.resume=auto``).
+4 training diverged (a non-finite loss or parameter; one line naming the round and client, the last good
+checkpoint kept).
 Any other exception is a bug: it keeps its traceback (exit 1). ``--debug`` shows the traceback of user errors too.
 
 Only light modules are imported at the top (the stop-signal handlers go in first); the configuration, torch and
@@ -16,7 +18,7 @@ import errno
 import sys
 import traceback
 
-from fedlit.errors import UserError
+from fedlit.errors import Diverged, UserError
 from fedlit.federation.signals import STOP, Preempted, requeue_slurm_job
 
 MAIN_KEYS = """main keys (any key of the config can be overridden as key=value):
@@ -38,6 +40,7 @@ run.out_dir/run.name/<timestamp>/. Bad input prints one line and exits with code
 WRITE_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT)
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
+EXIT_DIVERGED = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +120,9 @@ def train(args: argparse.Namespace) -> int:
 
     try:
         run_experiment(cfg)
+    except Diverged as err:
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        return EXIT_DIVERGED
     except Preempted as stop:
         requeued = requeue_slurm_job()
         print(f"fedlit: {stop}; {'requeued' if requeued else 'resume with run.resume=auto'}", file=sys.stderr)

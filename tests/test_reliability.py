@@ -109,3 +109,14 @@ def test_stale_temporary_files_are_removed_on_resume(tmp_path):
     run_experiment(fast_config(tmp_path, "algorithm=promptfl", "fed.rounds=2", "run.resume=auto"))
     assert not stale.exists()
     assert [r["round"] for r in read_results(run_dir)["rounds"]] == [1, 2]
+
+
+def test_divergence_from_the_command_line_exits_4_with_one_line(tmp_path):
+    from tests.helpers import FAST, cache_dir, train_cli
+
+    done = train_cli(*FAST, f"backbone.cache_dir={cache_dir()}", f"run.out_dir={tmp_path}", "algorithm=promptfl",
+                     "optim.prompt_lr=1e30", "fed.rounds=2")
+    assert done.returncode == 4, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr
+    assert lines[-1].startswith("error: [promptfl] round 1: non-finite loss or parameters from client")
