@@ -146,6 +146,10 @@ class MethodConfig:
     template: str = "a photo of a {}."  # zero-shot hand prompt
     ft_epochs: int | None = None  # promptfl_ft: local fine-tuning epochs of P_g before evaluation (None: local_epochs)
     fedper_global_tokens: int | None = None  # fedper: leading prompt tokens aggregated, rest private (None: n_ctx//2)
+    theta: float = 0.4  # promptfolio: local prompt's share of the feature mix (--frac_p 0.4 in PromptFolio's README)
+    pgp_rank: int = 8  # fedpgp: rank of the private U V (BOTTLENECK=8 in FedPGP's scripts; argparse default 4)
+    pgp_weight: float = 0.5  # fedpgp: weight of the prompt-wise contrastive loss (MU=0.5 in FedPGP's scripts)
+    pgp_temp: float = 0.5  # fedpgp: temperature of the contrastive loss (TEMP=0.5 in FedPGP's scripts and argparse)
 
 
 @dataclass
