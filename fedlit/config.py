@@ -128,6 +128,11 @@ class FederationConfig:
 
 
 @dataclass
+class EvalConfig:
+    protocol: str = "standard"  # standard | base2novel (train on the first half of the classes, test base and novel)
+
+
+@dataclass
 class OptimConfig:
     prompt_lr: float = 0.002
     gate_lr: float = 0.01
@@ -190,6 +195,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     fed: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
@@ -566,6 +572,11 @@ def _check_data(d: DataConfig) -> None:
     _integer("data.num_workers", d.num_workers, 0)
 
 
+def _check_eval(e: EvalConfig) -> None:
+    _check(e.protocol in ("standard", "base2novel"),
+           f"eval.protocol must be standard or base2novel (got {e.protocol!r})")
+
+
 def _check_fed(f: FederationConfig) -> None:
     _integer("fed.rounds", f.rounds, 1)
     _check(_is_number(f.frac) and 0.0 < f.frac <= 1.0, f"fed.frac must be in (0, 1] (got {f.frac})")
@@ -635,6 +646,7 @@ def validate(cfg: Config) -> None:
     _check_gate(cfg.gate, cfg)
     _check_data(cfg.data)
     _check_fed(cfg.fed)
+    _check_eval(cfg.eval)
     _check_optim(cfg.optim)
     _check_method(cfg.method, cfg)
     _check_perf(cfg.perf)

@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 
-SUMMARISED = ("acc_mean", "acc_weighted", "acc_worst10", "acc_global")  # the metrics ``final`` summarises
+SUMMARISED = ("acc_mean", "acc_weighted", "acc_worst10", "acc_global", "acc_novel_mean", "acc_hm_mean", "hm_of_means",
+              "acc_global_hm")  # the metrics ``final`` summarises
 
 
 def round_metrics(accuracies: list[float | None], sizes: list[int]) -> dict[str, float | int]:
@@ -24,6 +25,26 @@ def round_metrics(accuracies: list[float | None], sizes: list[int]) -> dict[str,
         "acc_worst10": float(worst.mean()),
         "clients_without_test": len(accuracies) - len(scored),
     }
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """``HM = 2 B N / (B + N)`` (0 when both are 0)."""
+    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+
+
+def base_novel_metrics(base: list[float | None], novel: list[float | None], global_base: float | None,
+                       global_novel: float | None) -> dict[str, float]:
+    """Base-to-novel summary of per-client base and novel accuracies: the mean novel accuracy, the mean of the
+    per-client harmonic means, the harmonic mean of the mean base and mean novel accuracies (CoOp's HM), and
+    the global model's novel accuracy and HM (when it has one). Clients without base test samples are skipped."""
+    pairs = [(b, n) for b, n in zip(base, novel) if b is not None and n is not None]
+    mean_base = float(np.mean([b for b, _ in pairs]))
+    mean_novel = float(np.mean([n for _, n in pairs]))
+    out = {"acc_novel_mean": mean_novel, "acc_hm_mean": float(np.mean([harmonic_mean(b, n) for b, n in pairs])),
+           "hm_of_means": harmonic_mean(mean_base, mean_novel)}
+    if global_base is not None and global_novel is not None:
+        out.update({"acc_global_novel": global_novel, "acc_global_hm": harmonic_mean(global_base, global_novel)})
+    return out
 
 
 def domain_metrics(accuracies: list[float | None], client_domains: list[int], domain_names: list[str]) -> dict:

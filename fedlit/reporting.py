@@ -20,6 +20,7 @@ from fedlit.metrics import final_summary
 
 METRIC_COLUMNS = ["round", "clients", "loss", "acc_mean", "acc_weighted", "acc_std", "acc_worst10", "acc_global",
                   "seconds"]
+BASE_NOVEL_COLUMNS = ["acc_novel_mean", "acc_hm_mean", "hm_of_means", "acc_global_novel", "acc_global_hm"]
 
 
 def new_run_dir_name() -> str:
@@ -71,12 +72,13 @@ def latest_run_dir(out_dir: str | Path, name: str) -> Path | None:
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    """One row per evaluated round with the METRIC_COLUMNS."""
+    """One row per evaluated round with the METRIC_COLUMNS (and the BASE_NOVEL_COLUMNS when reported)."""
+    columns = METRIC_COLUMNS[:-1] + [c for c in BASE_NOVEL_COLUMNS if any(c in row for row in rows)] + ["seconds"]
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     atomic_write(path, text.getvalue())
 
 
@@ -89,7 +91,7 @@ def build_results(meta: dict, algorithm: str, seed: int, partition_digest: str, 
                   per_client: list[dict], memory: dict | None = None) -> dict:
     """The ``results.json`` dictionary: numbers only (no timings), so that an interrupted and resumed run writes
     exactly the same file as an uninterrupted one."""
-    rounds = [{**{k: v for k, v in row.items() if k != "seconds"}, "accuracy": accs["accuracy"]}
+    rounds = [{**{k: v for k, v in row.items() if k != "seconds"}, **{k: v for k, v in accs.items() if k != "round"}}
               for row, accs in zip(history, per_client)]
     return {
         **meta,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -369,10 +370,41 @@ def partition_domain(
     )
 
 
-def make_partition(bundle: DatasetBundle, cfg: DataConfig, seed: int) -> Partition:
-    """The partition ``cfg.partition`` of ``bundle`` (params recorded with the dataset name)."""
-    train, test = bundle.train.targets, bundle.test.targets
+def base_classes(num_classes: int) -> list[int]:
+    """The base classes of the base-to-novel protocol: the first half, ``ceil(C / 2)``, as CoOp splits them."""
+    return list(range(math.ceil(num_classes / 2)))
+
+
+def make_partition(bundle: DatasetBundle, cfg: DataConfig, seed: int, classes: list[int] | None = None) -> Partition:
+    """The partition ``cfg.partition`` of ``bundle`` (params recorded with the dataset name). With ``classes``,
+    only the samples of those classes are dealt to the clients (base-to-novel: the base classes); labels keep
+    their ids and the indices point into the whole dataset."""
+    if classes is None:
+        return _make_partition(bundle, cfg, seed)
+    keep = np.asarray(sorted(classes))
+    train_map = np.flatnonzero(np.isin(np.asarray(bundle.train.targets), keep))
+    test_map = np.flatnonzero(np.isin(np.asarray(bundle.test.targets), keep))
+    part = _make_partition(bundle, cfg, seed, train_map, test_map, keep)
+    return replace(part, params={**part.params, "classes": [int(c) for c in keep]},
+                   train_indices=[train_map[i] for i in part.train_indices],
+                   test_indices=[test_map[i] for i in part.test_indices])
+
+
+def _make_partition(bundle: DatasetBundle, cfg: DataConfig, seed: int, train_map: np.ndarray | None = None,
+                    test_map: np.ndarray | None = None, keep: np.ndarray | None = None) -> Partition:
+    """The partition of the samples ``train_map``/``test_map`` of ``bundle`` (all when None), labels relabelled
+    to ``0..len(keep)-1``; indices are positions in the maps."""
+    train, test = np.asarray(bundle.train.targets), np.asarray(bundle.test.targets)
     n_cls = bundle.num_classes
+    classnames = bundle.classnames
+    train_domains, test_domains = bundle.train.domains, bundle.test.domains
+    if keep is not None:
+        relabel = {int(c): i for i, c in enumerate(keep)}
+        train = np.asarray([relabel[int(t)] for t in train[train_map]], dtype=np.int64)
+        test = np.asarray([relabel[int(t)] for t in test[test_map]], dtype=np.int64)
+        n_cls, classnames = len(keep), [bundle.classnames[int(c)] for c in keep]
+        if train_domains is not None and test_domains is not None:
+            train_domains, test_domains = np.asarray(train_domains)[train_map], np.asarray(test_domains)[test_map]
     if cfg.partition == "iid":
         part = partition_iid(train, test, cfg.num_clients, seed, num_classes=n_cls)
     elif cfg.partition == "dirichlet":
@@ -380,12 +412,12 @@ def make_partition(bundle: DatasetBundle, cfg: DataConfig, seed: int) -> Partiti
                                    num_classes=n_cls)
     elif cfg.partition == "pathological":
         part = partition_pathological(train, test, cfg.num_clients, seed, cfg.shots, num_classes=n_cls,
-                                      classnames=bundle.classnames)
+                                      classnames=classnames)
     elif cfg.partition == "domain":
-        if bundle.train.domains is None or bundle.test.domains is None:
+        if train_domains is None or test_domains is None:
             raise UserError("data.partition=domain needs a dataset with domains (DomainNet, "
                             f"Office-Caltech10); '{bundle.name}' has none, use dirichlet or iid")
-        part = partition_domain(train, test, bundle.train.domains, bundle.test.domains, cfg.num_clients,
+        part = partition_domain(train, test, train_domains, test_domains, cfg.num_clients,
                                 cfg.domain_alpha, seed, cfg.min_size, num_classes=n_cls)
     else:
         raise UserError(f"unknown data.partition '{cfg.partition}'; "

@@ -4,6 +4,8 @@ pass and a matrix product."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -15,48 +17,86 @@ from fedlit.state import ClientPlan, ClientState, ServerState, StoreEntry
 EVAL_CHUNK = 1024
 
 
+@dataclass
+class Evaluation:
+    """One evaluated round: per-client accuracy on its own test split (None without test samples) and the global
+    model's accuracy on the whole test set (None without a global model). Base-to-novel: ``accuracy`` is over
+    the base classes, ``novel`` per client on every novel test sample (novel class names only)."""
+
+    accuracy: list[float | None]
+    global_accuracy: float | None
+    novel: list[float | None] | None = None
+    global_novel: float | None = None
+
+
 @torch.no_grad()
-def accuracy_counts(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor, labels: Tensor) -> tuple[int, int]:
+def accuracy_counts(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor, labels: Tensor,
+                    classes: list[int] | None = None) -> tuple[int, int]:
     """(correct, total) of the model ``plan`` describes on ``inputs`` (features ``(N, D)`` or images) and
-    ``labels (N,)``, in chunks of :data:`EVAL_CHUNK`."""
+    ``labels (N,)``, in chunks of :data:`EVAL_CHUNK`; with ``classes`` the prediction is the best of those
+    classes only (the other class names are not candidates)."""
     module = trainer.module
     trainer.load(plan)
     module.eval()
     correct = 0
+    candidates = torch.as_tensor(classes, device=trainer.device) if classes is not None else None
     with trainer.autocast():
         text = module.class_text_features()
         for start in range(0, len(inputs), EVAL_CHUNK):
             x = module.image_features(inputs[start : start + EVAL_CHUNK].to(trainer.device))
             y = labels[start : start + EVAL_CHUNK].to(trainer.device)
-            correct += int((module.logits_from(x, text).argmax(dim=-1) == y).sum())
+            logits = module.logits_from(x, text)
+            predicted = logits.argmax(dim=-1) if candidates is None else candidates[logits[:, candidates].argmax(-1)]
+            correct += int((predicted == y).sum())
     return correct, len(inputs)
 
 
 def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, store: dict[int, StoreEntry],
-             initial: ClientState, fabric=None) -> tuple[list[float | None], float | None]:
-    """Per-client personalised accuracy on their test splits (None for a client without test samples) and the
-    global model's accuracy on the whole test set (None when the method has no global model). Clients are
-    sharded over ranks and the counts summed with one all-reduce."""
+             initial: ClientState, fabric=None, split: tuple[list[int], list[int]] | None = None) -> Evaluation:
+    """Every client's personalised model on its own test split and the global model on the whole test set;
+    clients are sharded over ranks and the counts summed with one all-reduce. ``split`` = (base, novel) classes
+    for the base-to-novel protocol: own split over the base classes, plus every novel test sample over the
+    novel classes."""
     data = trainer.data
     part = data.partition
     num_clients = part.num_clients
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    base, novel = split if split is not None else (None, None)
+    novel_index = (torch.nonzero(torch.isin(data.test_labels, torch.as_tensor(novel)), as_tuple=True)[0]
+                   if novel is not None else None)
     sizes = {c: len(part.test_indices[c]) for c in range(num_clients)}
     mine = assign_to_ranks(list(range(num_clients)), sizes, world)[rank]
-    counts = torch.zeros(num_clients, 2, dtype=torch.float64)
+    counts = torch.zeros(num_clients, 4, dtype=torch.float64)  # own correct, own total, novel correct, total
     for cid in mine:
-        if sizes[cid] == 0:
-            continue
-        index = torch.as_tensor(part.test_indices[cid], dtype=torch.long)
         plan = algorithm.eval_plan(server, cid, store.get(cid), initial)
-        counts[cid] = torch.tensor(accuracy_counts(trainer, plan, data.test_inputs(index), data.test_labels[index]),
-                                   dtype=torch.float64)
+        if sizes[cid]:
+            index = torch.as_tensor(part.test_indices[cid], dtype=torch.long)
+            counts[cid, :2] = torch.tensor(accuracy_counts(trainer, plan, data.test_inputs(index),
+                                                           data.test_labels[index], base), dtype=torch.float64)
+        if novel_index is not None:
+            counts[cid, 2:] = torch.tensor(accuracy_counts(trainer, plan, data.test_inputs(novel_index),
+                                                           data.test_labels[novel_index], novel), dtype=torch.float64)
     if world > 1:
         counts = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").cpu()
-    accuracies = [float(c / n) if n > 0 else None for c, n in counts.tolist()]
+    result = Evaluation(accuracy=_ratios(counts[:, :2]), global_accuracy=None,
+                        novel=_ratios(counts[:, 2:]) if novel_index is not None else None)
     plan = algorithm.global_plan(server, initial)
-    global_acc = None
     if plan is not None:
-        correct, total = accuracy_counts(trainer, plan, data.test_inputs(), data.test_labels)
-        global_acc = correct / max(total, 1)
-    return accuracies, global_acc
+        if novel_index is None:
+            result.global_accuracy = _ratio(accuracy_counts(trainer, plan, data.test_inputs(), data.test_labels))
+        else:
+            base_index = torch.nonzero(torch.isin(data.test_labels, torch.as_tensor(base)), as_tuple=True)[0]
+            result.global_accuracy = _ratio(accuracy_counts(trainer, plan, data.test_inputs(base_index),
+                                                            data.test_labels[base_index], base))
+            result.global_novel = _ratio(accuracy_counts(trainer, plan, data.test_inputs(novel_index),
+                                                         data.test_labels[novel_index], novel))
+    return result
+
+
+def _ratios(counts: Tensor) -> list[float | None]:
+    """``correct / total`` per row of ``(N, 2)`` counts; None where the total is 0."""
+    return [float(c / n) if n > 0 else None for c, n in counts.tolist()]
+
+
+def _ratio(counts: tuple[int, int]) -> float:
+    return counts[0] / max(counts[1], 1)

@@ -19,7 +19,7 @@ from fedlit.backbone import Backbone, load_backbone
 from fedlit.config import ALGORITHMS, Config, to_yaml
 from fedlit.data.base import DatasetBundle
 from fedlit.data.features import FeatureCache
-from fedlit.data.partition import Partition, make_partition, save_manifest
+from fedlit.data.partition import Partition, base_classes, make_partition, save_manifest
 from fedlit.data.registry import build_dataset
 from fedlit.errors import UserError
 from fedlit.federation.client_data import ClientData, build_client_data
@@ -113,7 +113,8 @@ def build_job(cfg: Config, fabric: Fabric | None = None) -> Job:
     if backbone is None:
         backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device)
     bundle = build_dataset(cfg.data, backbone.preprocess)
-    partition = make_partition(bundle, cfg.data, cfg.seed)
+    classes = base_classes(bundle.num_classes) if cfg.eval.protocol == "base2novel" else None
+    partition = make_partition(bundle, cfg.data, cfg.seed, classes)
     cache = FeatureCache(cache_dir / "features" if cfg.perf.disk_cache else None)
     data = build_client_data(cfg, backbone, bundle, partition, device, cache)
     return Job(cfg, backbone, bundle, partition, data, fabric)

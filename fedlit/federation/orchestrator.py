@@ -19,6 +19,7 @@ import torch
 
 from fedlit.algorithms import Algorithm
 from fedlit.config import Config
+from fedlit.data.partition import base_classes
 from fedlit.errors import Diverged
 from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, restore, save_checkpoint
 from fedlit.federation.client_data import ClientData
@@ -27,7 +28,7 @@ from fedlit.federation.evaluation import evaluate
 from fedlit.federation.sampling import assign_to_ranks, sample_clients
 from fedlit.federation.signals import STOP, Preempted
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
-from fedlit.metrics import domain_metrics, round_metrics
+from fedlit.metrics import base_novel_metrics, domain_metrics, round_metrics
 from fedlit.modules import ClientModule
 from fedlit.reporting import build_results, memory_per_client, tensor_bytes, write_results
 from fedlit.state import ClientState, StoreEntry, Upload
@@ -68,6 +69,11 @@ class Orchestrator:
                                     persistent_state=cfg.optim.persistent_state,
                                     client_batch=default_client_batch(cfg.perf.client_batch, device),
                                     device=device, fabric=fabric)
+        num_classes = module.num_classes
+        base = base_classes(num_classes)
+        self.split = (base, list(range(len(base), num_classes))) if cfg.eval.protocol == "base2novel" else None
+        if self.split is not None:
+            self.trainer.trained_classes = base
         self.identity = Identity(algorithm.name, self.meta.get("config_digest", ""), data.partition.digest())
         self.stop = STOP
 
@@ -192,17 +198,21 @@ class Orchestrator:
     # -- evaluation and results -------------------------------------------------------------------------------
     def _evaluate_round(self, state: RunState, r: int, loss: float | None, clients: int, seconds: float) -> None:
         t0 = time.perf_counter()
-        accuracies, global_acc = evaluate(self.trainer, self.algorithm, state.server, state.store, self.initial,
-                                          self.fabric)
+        result = evaluate(self.trainer, self.algorithm, state.server, state.store, self.initial, self.fabric,
+                          self.split)
+        accuracies, global_acc = result.accuracy, result.global_accuracy
         part = self.data.partition
         row = {"round": r, "clients": clients, "loss": loss, "acc_global": global_acc,
                "seconds": round(seconds + time.perf_counter() - t0, 4),
                **round_metrics(accuracies, [len(t) for t in part.test_indices])}
+        if result.novel is not None:
+            row.update(base_novel_metrics(accuracies, result.novel, global_acc, result.global_novel))
         domain_names = self.data.bundle.domain_names if self.data.bundle is not None else None
         if part.client_domains is not None and domain_names:
             row["domains"] = domain_metrics(accuracies, part.client_domains, domain_names)
         state.history.append(row)
-        state.per_client.append({"round": r, "accuracy": accuracies})
+        state.per_client.append({"round": r, "accuracy": accuracies,
+                                 **({"novel": result.novel} if result.novel is not None else {})})
         glob = f" | global {100 * global_acc:.2f}%" if global_acc is not None else ""
         lossed = f" | loss {loss:.4f}" if loss is not None else ""
         self.log(f"[{self.algorithm.name}] round {r:>3}/{self.total_rounds} | clients {clients}{lossed} | "

@@ -142,6 +142,7 @@ class LocalTrainer:
         self.client_batch = client_batch
         self.device = torch.device(device)
         self.fabric = fabric
+        self.trained_classes: list[int] | None = None  # None: all; else the softmax of training covers these only
 
     def autocast(self):
         """The run's autocast context (none without Fabric)."""
@@ -249,7 +250,7 @@ class LocalTrainer:
         module = self.module
         if single:
             x, y = group[0].batches[t]
-            return module.loss(module(x), y).reshape(1)
+            return module.loss(self._restrict(module(x)), y).reshape(1)
         index = torch.tensor(active, device=self.device)
         everyone = len(active) == len(group)
         sub = {n: p if everyone else p.index_select(0, index) for n, p in leaves.items()}
@@ -257,7 +258,16 @@ class LocalTrainer:
         x = pad_sequence([group[i].batches[t][0] for i in active], batch_first=True)  # (A, B, D), zero padded
         y = pad_sequence([group[i].batches[t][1] for i in active], batch_first=True)
         sizes = [len(group[i].batches[t][1]) for i in active]
-        return module.group_loss(module.group_logits(sub, x, sub_extras), y, sizes, sub, sub_extras)
+        return module.group_loss(self._restrict(module.group_logits(sub, x, sub_extras)), y, sizes, sub, sub_extras)
+
+    def _restrict(self, logits: Tensor) -> Tensor:
+        """Logits ``(..., C)`` with the classes outside :attr:`trained_classes` at -inf (their softmax share is
+        zero: training sees the base classes' names only, as CoOp's base-to-novel protocol trains)."""
+        if self.trained_classes is None:
+            return logits
+        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        allowed[self.trained_classes] = True
+        return logits.masked_fill(~allowed, float("-inf"))
 
 
 def _groups(clients: list[_Client], size: int) -> list[list[_Client]]:
