@@ -545,7 +545,7 @@ def _check_gate(g: GateConfig, cfg: Config) -> None:
     _number("gate.scale", g.scale, 0.0, open_low=True)
     if g.top_k is not None:
         _integer("gate.top_k", g.top_k, 1)
-        if cfg.algorithm == "pfedmoap":
+        if _runs_experts(cfg):
             _check(g.top_k <= cfg.method.num_experts,
                    f"gate.top_k={g.top_k} exceeds method.num_experts={cfg.method.num_experts}; use null for all")
 
@@ -591,15 +591,28 @@ def _check_optim(o: OptimConfig) -> None:
     _number("optim.weight_decay", o.weight_decay, 0.0)
 
 
+def _runs_experts(cfg: Config) -> bool:
+    """Whether a method with pFedMoAP's K + 1 experts runs (pfedmoap, its variants, or all)."""
+    return cfg.algorithm == "all" or cfg.algorithm.startswith("pfedmoap")
+
+
 def _check_method(m: MethodConfig, cfg: Config) -> None:
     _integer("method.num_experts", m.num_experts, 1)
-    if cfg.algorithm == "pfedmoap":
+    if _runs_experts(cfg):
         _check(m.num_experts <= cfg.data.num_clients,
                f"method.num_experts={m.num_experts} exceeds data.num_clients={cfg.data.num_clients}; "
                "the local expert plus K = num_experts - 1 other clients must exist")
     _check(m.selection in SELECTIONS, f"method.selection must be knn or random (got {m.selection!r})")
     _number("method.lam", m.lam, 0.0)
     _number("method.mu", m.mu, 0.0)
+    if m.ft_epochs is not None:
+        _integer("method.ft_epochs", m.ft_epochs, 0)
+    if m.fedper_global_tokens is not None:
+        _integer("method.fedper_global_tokens", m.fedper_global_tokens, 0)
+    _number("method.theta", m.theta, 0.0, 1.0)
+    _integer("method.pgp_rank", m.pgp_rank, 1)
+    _number("method.pgp_weight", m.pgp_weight, 0.0)
+    _number("method.pgp_temp", m.pgp_temp, 0.0, open_low=True)
     rest = m.template.replace("{}", "", 1)
     _check(m.template.count("{}") == 1 and "{" not in rest and "}" not in rest,
            f"method.template must contain exactly one {{}} (the class name) and no other braces "
