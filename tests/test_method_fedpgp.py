@@ -11,7 +11,8 @@ import torch
 
 from fedlit.algorithms import build_algorithm
 from fedlit.algorithms.base import fedavg
-from fedlit.config import load_config
+from fedlit.algorithms.fedpgp import FedPGP
+from fedlit.config import Config, load_config
 from fedlit.errors import UserError
 from fedlit.federation.checkpoint import load_checkpoint
 from fedlit.federation.experiment import build_job, run_experiment
@@ -132,14 +133,18 @@ def test_aggregation_averages_only_sigma_and_u_v_stay_private(tmp_path):
     assert torch.equal(initial.params[LOW_U], torch.full((2, 1), 0.5))  # the initial state is not modified
 
 
-@pytest.mark.parametrize("override, message", [
-    ("method.pgp_rank=0", "method.pgp_rank must be >= 1"),
-    ("method.pgp_weight=-1", "method.pgp_weight must be >= 0"),
-    ("method.pgp_temp=0", "method.pgp_temp must be > 0"),
+@pytest.mark.parametrize("key, value, message", [
+    ("pgp_rank", 0, "method.pgp_rank must be >= 1"),
+    ("pgp_weight", -1.0, "method.pgp_weight must be >= 0"),
+    ("pgp_temp", 0.0, "method.pgp_temp must be > 0"),
 ])
-def test_out_of_range_settings_are_user_errors(tmp_path, override, message):
+def test_out_of_range_settings_are_user_errors(tmp_path, key, value, message):
+    with pytest.raises(UserError, match=rf"method\.{key}"):  # refused by config validation
+        _algorithm(tmp_path, f"method.{key}={value}")
+    cfg = Config()  # and by the algorithm itself, for a config built without validation
+    setattr(cfg.method, key, value)
     with pytest.raises(UserError, match=message):
-        _algorithm(tmp_path, override)
+        FedPGP(cfg)
 
 
 def test_grouped_training_matches_one_client_at_a_time(tmp_path):

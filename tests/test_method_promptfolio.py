@@ -10,7 +10,8 @@ import torch
 
 from fedlit.algorithms import build_algorithm
 from fedlit.algorithms.base import fedavg
-from fedlit.config import load_config
+from fedlit.algorithms.promptfolio import PromptFolio
+from fedlit.config import Config, load_config
 from fedlit.errors import UserError
 from fedlit.federation.checkpoint import load_checkpoint
 from fedlit.federation.experiment import build_job, run_experiment
@@ -105,8 +106,12 @@ def test_aggregation_averages_only_the_global_prompt_and_local_prompts_stay_priv
 
 
 def test_theta_out_of_range_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"method.theta must be in \[0, 1\]"):
+    with pytest.raises(UserError, match=r"method\.theta"):  # refused by config validation
         _algorithm(tmp_path, "method.theta=1.5")
+    cfg = Config()  # and by the algorithm itself, for a config built without validation
+    cfg.method.theta = -0.1
+    with pytest.raises(UserError, match=r"method.theta must be in \[0, 1\]"):
+        PromptFolio(cfg)
 
 
 def test_grouped_training_matches_one_client_at_a_time(tmp_path):
