@@ -136,3 +136,28 @@ def test_clients_trained_in_a_group_match_clients_trained_alone(tmp_path):
     for cid, entry in alone["store"].items():
         for name in ("gate.proj.weight", "gate.proj.bias"):
             torch.testing.assert_close(grouped["store"][cid]["state"][name], entry["state"][name], rtol=0, atol=1e-5)
+
+
+def test_lightning_checkpoint_restores_the_linear_gate(tmp_path, tiny_backbone, classnames):
+    import warnings
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    client = PFedMoAPLinearClient(tiny_backbone, classnames, gate=GateConfig(d_gate=16), num_experts=4, seed=0)
+    client.load_experts(torch.randn(2, *client.prompt_learner.ctx_shape, generator=torch.Generator().manual_seed(3)))
+    feats = F.normalize(torch.randn(12, 64, generator=torch.Generator().manual_seed(4)), dim=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(client, DataLoader(TensorDataset(feats, torch.arange(12) % 3), batch_size=4))
+        trainer.save_checkpoint(tmp_path / "client.ckpt")
+        restored = PFedMoAPLinearClient.load_from_checkpoint(tmp_path / "client.ckpt", backbone=tiny_backbone,
+                                                             weights_only=True)
+    client.eval(), restored.eval()
+    assert isinstance(restored.gate, LinearGate) and restored.gate.num_experts == 4
+    assert restored.num_loaded_experts == 2
+    with torch.no_grad():
+        assert torch.equal(client(feats), restored(feats))
