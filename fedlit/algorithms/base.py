@@ -89,6 +89,11 @@ class Algorithm(abc.ABC):
             return self.global_plan(server, initial) or ClientPlan(start=initial)
         return ClientPlan(start=entry.state, extras=dict(entry.extras))
 
+    def finetune_epochs(self) -> int:
+        """Epochs each evaluated client trains its :meth:`eval_plan` on its own train split right before its
+        personalised evaluation (the tuned state is evaluated, then dropped); 0 (default): none."""
+        return 0
+
     def global_plan(self, server: ServerState, initial: ClientState) -> ClientPlan | None:
         """The global model, evaluated on the whole test set (None when the method has no global prompt)."""
         return ClientPlan(start=with_params(initial, {PROMPT: server.global_state[GLOBAL_PROMPT]}))

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fedlit.algorithms import Algorithm
-from fedlit.federation.sampling import assign_to_ranks
+from fedlit.federation.sampling import FINETUNE_STREAM, assign_to_ranks
 from fedlit.federation.trainer import LocalTrainer
 from fedlit.state import ClientPlan, ClientState, ServerState, StoreEntry
 
@@ -52,7 +52,8 @@ def accuracy_counts(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor, lab
 
 
 def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, store: dict[int, StoreEntry],
-             initial: ClientState, fabric=None, split: tuple[list[int], list[int]] | None = None) -> Evaluation:
+             initial: ClientState, fabric=None, split: tuple[list[int], list[int]] | None = None,
+             round_index: int = 0) -> Evaluation:
     """Every client's personalised model on its own test split and the global model on the whole test set;
     clients are sharded over ranks and the counts summed with one all-reduce. ``split`` = (base, novel) classes
     for the base-to-novel protocol: own split over the base classes, plus every novel test sample over the
@@ -67,8 +68,13 @@ def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, s
     sizes = {c: len(part.test_indices[c]) for c in range(num_clients)}
     mine = assign_to_ranks(list(range(num_clients)), sizes, world)[rank]
     counts = torch.zeros(num_clients, 4, dtype=torch.float64)  # own correct, own total, novel correct, total
+    plans = {cid: algorithm.eval_plan(server, cid, store.get(cid), initial) for cid in mine}
+    epochs = algorithm.finetune_epochs()
+    if epochs > 0:  # seeded by (seed, round, client): the same tuned model on any rank, in any order
+        tuned = trainer.train(plans, round_index, epochs=epochs, stream=FINETUNE_STREAM)
+        plans = {cid: ClientPlan(start=tuned[cid].state, extras=plans[cid].extras) for cid in plans}
     for cid in mine:
-        plan = algorithm.eval_plan(server, cid, store.get(cid), initial)
+        plan = plans[cid]
         if sizes[cid]:
             index = torch.as_tensor(part.test_indices[cid], dtype=torch.long)
             counts[cid, :2] = torch.tensor(accuracy_counts(trainer, plan, data.test_inputs(index),

@@ -199,7 +199,7 @@ class Orchestrator:
     def _evaluate_round(self, state: RunState, r: int, loss: float | None, clients: int, seconds: float) -> None:
         t0 = time.perf_counter()
         result = evaluate(self.trainer, self.algorithm, state.server, state.store, self.initial, self.fabric,
-                          self.split)
+                          self.split, round_index=r)
         accuracies, global_acc = result.accuracy, result.global_accuracy
         part = self.data.partition
         row = {"round": r, "clients": clients, "loss": loss, "acc_global": global_acc,

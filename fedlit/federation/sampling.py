@@ -9,6 +9,7 @@ import torch
 
 SAMPLING_STREAM = 7_919  # stream tags keep the server's and the clients' draws apart
 CLIENT_STREAM = 104_729
+FINETUNE_STREAM = 15_485_863  # a client's draws when it fine-tunes before its evaluation
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, frac: float) -> list[int]:
@@ -18,9 +19,10 @@ def sample_clients(seed: int, round_index: int, num_clients: int, frac: float) -
     return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
 
 
-def client_generator(seed: int, round_index: int, client_id: int) -> torch.Generator:
-    """The torch generator of client ``client_id`` in round ``round_index`` (data order, any other draw)."""
-    state = np.random.SeedSequence([seed, round_index, client_id, CLIENT_STREAM]).generate_state(2, dtype=np.uint32)
+def client_generator(seed: int, round_index: int, client_id: int, stream: int = CLIENT_STREAM) -> torch.Generator:
+    """The torch generator of client ``client_id`` in round ``round_index`` (data order, any other draw); ``stream``
+    keeps apart draws of the same round for different purposes (training, fine-tuning before evaluation)."""
+    state = np.random.SeedSequence([seed, round_index, client_id, stream]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from fedlit.federation.client_data import ClientData
-from fedlit.federation.sampling import client_generator
+from fedlit.federation.sampling import CLIENT_STREAM, client_generator
 from fedlit.modules import ClientModule
 from fedlit.state import ClientPlan, ClientState, Upload
 
@@ -100,8 +100,13 @@ def masked_sgd_step(param: Tensor, grad: Tensor, buf: Tensor, on: list[int], lr:
 
 
 def read_schedule(module: ClientModule, epochs: int) -> Schedule:
-    """The module's own optimiser and epoch scheduler, stepped through ``epochs`` epochs to read every lr."""
-    conf = module.configure_optimizers()
+    """The module's own optimiser and epoch scheduler, stepped through ``epochs`` epochs to read every lr (the
+    cosine spans those ``epochs``)."""
+    saved, module.epochs = module.epochs, epochs
+    try:
+        conf = module.configure_optimizers()
+    finally:
+        module.epochs = saved
     if conf is None:
         raise ValueError(f"{type(module).__name__} has nothing to train")
     optimizer, scheduler = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
@@ -158,9 +163,11 @@ class LocalTrainer:
         optim = {n: {MOMENTUM: torch.zeros_like(v)} for n, v in initial.params.items()} if self.persistent_state else {}
         return Upload(ClientState(dict(initial.params), optim), loss=0.0, steps=0)
 
-    def train(self, plans: dict[int, ClientPlan], round_index: int) -> dict[int, Upload]:
-        """Train every client of ``plans`` (in groups of ``client_batch``; 0: :func:`auto_group_size`); returns
-        ``{cid: upload}`` on the CPU in the order of ``plans``."""
+    def train(self, plans: dict[int, ClientPlan], round_index: int, epochs: int | None = None,
+              stream: int = CLIENT_STREAM) -> dict[int, Upload]:
+        """Train every client of ``plans`` (in groups of ``client_batch``; 0: :func:`auto_group_size`) for ``epochs``
+        (default ``local_epochs``) with data drawn from each client's ``stream`` of the round; returns ``{cid:
+        upload}`` on the CPU in the order of ``plans``."""
         if not plans:
             return {}
         module = self.module
@@ -169,9 +176,9 @@ class LocalTrainer:
         uploads: dict[int, Upload] = {}
         if size == 1:  # prepare and train one client at a time: nothing is held for the others
             for cid, plan in plans.items():
-                uploads.update(self._train_group([self._prepare(cid, plan, round_index)]))
+                uploads.update(self._train_group([self._prepare(cid, plan, round_index, epochs, stream)]))
             return uploads
-        clients = [self._prepare(cid, plan, round_index) for cid, plan in plans.items()]
+        clients = [self._prepare(cid, plan, round_index, epochs, stream) for cid, plan in plans.items()]
         if size == 0:
             extras = max(sum(t.numel() * t.element_size() for t in c.extras.values()) for c in clients)
             size = auto_group_size(module, len(clients), self.data.batch_size, self.device, extras_bytes=extras)
@@ -179,7 +186,8 @@ class LocalTrainer:
             uploads.update(self._train_group(group))
         return {cid: uploads[cid] for cid in plans}
 
-    def _prepare(self, cid: int, plan: ClientPlan, round_index: int) -> _Client:
+    def _prepare(self, cid: int, plan: ClientPlan, round_index: int, epochs: int | None = None,
+                 stream: int = CLIENT_STREAM) -> _Client:
         """Load ``plan``, read back the client's start values, extras and optimiser schedule, and draw all its
         batches. Images (when features are not cached) are encoded here: the frozen image tower does not depend
         on the client's state, and only the small features are kept."""
@@ -192,9 +200,10 @@ class LocalTrainer:
                 if MOMENTUM in state:
                     momentum[name] = state[MOMENTUM].clone().to(params[name])
         extras = {n: t.detach() for n, t in module.client_extras().items()}
-        client = _Client(cid, plan, params, momentum, extras, read_schedule(module, self.local_epochs))
-        generator = client_generator(self.seed, round_index, cid)
-        for epoch in range(self.local_epochs):
+        epochs = self.local_epochs if epochs is None else epochs
+        client = _Client(cid, plan, params, momentum, extras, read_schedule(module, epochs))
+        generator = client_generator(self.seed, round_index, cid, stream)
+        for epoch in range(epochs):
             for x, y in self.data.train_batches(cid, generator, self.device):
                 if x.dim() != 2:
                     with torch.no_grad(), self.autocast():
