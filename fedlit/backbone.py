@@ -104,6 +104,33 @@ class Backbone(nn.Module):
         """L2-normalised image features ``(B, D)`` of preprocessed images ``(B, 3, H, W)``."""
         return F.normalize(self.model.encode_image(images), dim=-1)
 
+    @torch.no_grad()
+    def encode_image_patches(self, images: Tensor) -> Tensor:
+        """L2-normalised per-token image features ``(B, P+1, D)`` of preprocessed images ``(B, 3, H, W)``: row 0 is
+        the pooled feature (what :meth:`encode_image` returns), rows 1..P one per patch (ViT) or grid cell
+        (ModifiedResNet), all projected to the joint space.
+
+        ViT: every token after the transformer, ``ln_post`` and ``proj`` (open_clip's ``output_tokens=True`` gives
+        the same tokens before ``proj``). ModifiedResNet: the attention pool run with every position as a query
+        (the mean token, then the ``H/32 x W/32`` grid), as FedOTP's ``ModifiedResNet_GLP_OT`` does. Other image
+        towers raise a UserError.
+        """
+        visual = self.model.visual
+        images = images.to(next(visual.parameters()).dtype)
+        if isinstance(visual, open_clip.transformer.VisionTransformer):
+            if visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type != "tok":
+                raise UserError(f"backbone {self.name}: patch features need a ViT with class-token pooling and "
+                                "ln_post before pooling")
+            tokens = visual.ln_post(visual.transformer(visual._embeds(images)))
+            tokens = tokens @ visual.proj if visual.proj is not None else tokens
+        elif isinstance(visual, open_clip.modified_resnet.ModifiedResNet):
+            grid = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(images)))))
+            tokens = _attention_pool_all(visual.attnpool, grid)
+        else:
+            raise UserError(f"backbone {self.name}: patch features are defined for open_clip ViT and ModifiedResNet "
+                            f"image towers, not {type(visual).__name__}")
+        return F.normalize(tokens, dim=-1)
+
     def encode_prompts(self, embeddings: Tensor, eot_index: Tensor, normalize: bool = True) -> Tensor:
         """Text features ``(..., D)`` of prompt embeddings ``(..., L, W)`` whose end tokens sit at ``eot_index (...)``.
 
@@ -134,6 +161,21 @@ class Backbone(nn.Module):
         when the tower is causal."""
         tokens = self.tokenize(texts).to(self.model.token_embedding.weight.device)
         return F.normalize(encode_text_cut(self.model, tokens, cut=self.causal), dim=-1)
+
+
+def _attention_pool_all(pool: nn.Module, x: Tensor) -> Tensor:
+    """open_clip's ``AttentionPool2d`` on a grid ``(B, C, H, W)`` with every position as a query, not only the mean
+    token: ``(B, H*W + 1, D)``, row 0 equal to the pool's own output."""
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # (HW, B, C)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pool.positional_embedding[:, None, :].to(x.dtype)
+    out, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False,
+    )
+    return out.permute(1, 0, 2)
 
 
 def _preprocess_of(model: nn.Module) -> Preprocess:

@@ -155,6 +155,10 @@ class MethodConfig:
     pgp_rank: int = 8  # fedpgp: rank of the private U V (BOTTLENECK=8 in FedPGP's scripts; argparse default 4)
     pgp_weight: float = 0.5  # fedpgp: weight of the prompt-wise contrastive loss (MU=0.5 in FedPGP's scripts)
     pgp_temp: float = 0.5  # fedpgp: temperature of the contrastive loss (TEMP=0.5 in FedPGP's scripts and argparse)
+    ot_eps: float = 0.01  # fedotp: entropic regularisation of the transport (EPS=0.01 in fedotp_few_shot.sh)
+    ot_top_percent: float = 0.8  # fedotp: mass the prompts receive from the patches (TOP_PERCENT=0.80, OT=COT)
+    ot_max_iter: int = 100  # fedotp: Sinkhorn iterations at most (MAX_ITER=100 in FedOTP's scripts)
+    ot_thresh: float = 1e-3  # fedotp: stop once the mean change of v is below this (THRESH=0.001)
 
 
 @dataclass

@@ -18,20 +18,29 @@ from fedlit.backbone import Backbone
 from fedlit.errors import UserError
 from fedlit.io import atomic_write
 
+POOLED, PATCHES = "pooled", "patches"  # image feature kinds: one (D,) feature per image, or (P+1, D) tokens
+FEATURE_KINDS = (POOLED, PATCHES)
+
 
 @torch.no_grad()
 def encode_dataset(backbone: Backbone, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
-                   device: str | torch.device = "cpu") -> Tensor:
-    """Normalised image features ``(N, D)`` (float32, on CPU) of every item of ``dataset``, in order."""
+                   device: str | torch.device = "cpu", kind: str = POOLED) -> Tensor:
+    """Normalised image features (float32, on CPU) of every item of ``dataset``, in order: ``(N, D)`` pooled, or
+    ``(N, P+1, D)`` per-token (``kind="patches"``, :meth:`Backbone.encode_image_patches`)."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"unknown image feature kind {kind!r}; choose one of {FEATURE_KINDS}")
+    encode = backbone.encode_image if kind == POOLED else backbone.encode_image_patches
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    chunks = [backbone.encode_image(images.to(device)).float().cpu() for images, _ in loader]
+    chunks = [encode(images.to(device)).float().cpu() for images, _ in loader]
     return torch.cat(chunks) if chunks else torch.empty(0, backbone.feature_dim)
 
 
 def feature_key(backbone: Backbone, dataset_name: str, split: str, transform_id: str, size: int,
-                views: int = 0) -> str:
-    """Cache key: a hash of the backbone fingerprint, dataset, split, transform, length and augmented views."""
+                views: int = 0, kind: str = POOLED) -> str:
+    """Cache key: a hash of the backbone fingerprint, dataset, split, transform, length, augmented views and, for
+    other kinds than pooled features, the kind (pooled keys are those of earlier versions)."""
     text = f"{backbone.fingerprint}|{dataset_name}|{split}|{transform_id}|{size}|{views}"
+    text += f"|{kind}" if kind != POOLED else ""
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

@@ -8,21 +8,26 @@ views every epoch instead of a fresh augmentation).
 When train images are loaded at every step (augmentation on, nothing cached), each sample's random transform is
 seeded by the client's round generator and the sample's position in the epoch (:class:`SeededItems`), so the
 batches are bitwise the same whatever ``data.num_workers`` is.
+
+Features come in two kinds: one pooled feature ``(D,)`` per image (every method so far), or the per-token features
+``(P+1, D)`` (pooled token first, then the patches) for a client module whose ``image_feature_kind`` is
+``"patches"``. :func:`build_client_data` caches the kinds the run's modules ask for (pooled always) under separate
+keys; :meth:`ClientData.for_module` is the view that serves a module its own kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fedlit.backbone import Backbone
-from fedlit.config import Config
+from fedlit.config import ALGORITHMS, Config
 from fedlit.data.base import DatasetBundle
-from fedlit.data.features import FeatureCache, encode_dataset, feature_key
+from fedlit.data.features import FEATURE_KINDS, PATCHES, POOLED, FeatureCache, encode_dataset, feature_key
 from fedlit.data.partition import Partition
 from fedlit.errors import UserError
 
@@ -54,7 +59,9 @@ class ClientData:
     """Both splits for every client. ``train_features``: ``(N, D)``, ``(V, N, D)`` (augmented views) or None
     (images are loaded and encoded at every step); ``test_features``: ``(N_test, D)`` or None (encode at eval).
     ``drop_last``: every epoch ends with the last full batch (a client's remaining ``size % batch_size`` samples of
-    that epoch's order are skipped)."""
+    that epoch's order are skipped). ``train_patches`` ``(N, P+1, D)`` or ``(V, N, P+1, D)`` and ``test_patches``
+    ``(N_test, P+1, D)``: per-token features, cached when a module of the run asks for them; ``feature_kind`` says
+    which kind :meth:`train_batches` and :meth:`test_inputs` serve."""
 
     partition: Partition
     train_labels: Tensor
@@ -65,6 +72,30 @@ class ClientData:
     batch_size: int = 32
     num_workers: int = 0
     drop_last: bool = False
+    train_patches: Tensor | None = None
+    test_patches: Tensor | None = None
+    feature_kind: str = POOLED
+
+    def for_kind(self, kind: str) -> ClientData:
+        """The same data serving features of ``kind`` (tensors shared). ValueError when features are cached but
+        not of that kind (the run was built without a module that asks for it)."""
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"unknown image feature kind {kind!r}; choose one of {FEATURE_KINDS}")
+        view = replace(self, feature_kind=kind)
+        cached = self.test_features is not None or self.train_features is not None
+        if kind != self.feature_kind and cached and view._test_source() is None and view._train_source() is None:
+            raise ValueError(f"no cached {kind} features: build the client data with kinds including {kind!r}")
+        return view
+
+    def for_module(self, module) -> ClientData:
+        """The view serving ``module`` the kind its ``image_feature_kind`` names (``"pooled"`` when it has none)."""
+        return self.for_kind(getattr(module, "image_feature_kind", POOLED))
+
+    def _train_source(self) -> Tensor | None:
+        return self.train_patches if self.feature_kind == PATCHES else self.train_features
+
+    def _test_source(self) -> Tensor | None:
+        return self.test_patches if self.feature_kind == PATCHES else self.test_features
 
     def train_size(self, cid: int) -> int:
         """Number of train samples of client ``cid``."""
@@ -75,18 +106,19 @@ class ClientData:
         All randomness (order, augmented view, random transforms) comes from ``generator``."""
         index = torch.as_tensor(self.partition.train_indices[cid], dtype=torch.long)
         order = index[torch.randperm(len(index), generator=generator)]
-        if self.train_features is None:
+        features = self._train_source()
+        if features is None:
             yield from self._image_batches(order, int(torch.randint(2**62, (1,), generator=generator)), device)
             return
         views = None
-        if self.train_features.dim() == 3:
-            views = torch.randint(self.train_features.shape[0], (len(order),), generator=generator)
+        if features.dim() == (4 if self.feature_kind == PATCHES else 3):
+            views = torch.randint(features.shape[0], (len(order),), generator=generator)
         for start in range(0, self._epoch_length(len(order)), self.batch_size):
             batch = order[start : start + self.batch_size]
             if views is None:
-                x = self.train_features[batch]
+                x = features[batch]
             else:
-                x = self.train_features[views[start : start + self.batch_size], batch]
+                x = features[views[start : start + self.batch_size], batch]
             yield x.to(device), self.train_labels[batch].to(device)
 
     def _epoch_length(self, size: int) -> int:
@@ -104,8 +136,9 @@ class ClientData:
 
     def test_inputs(self, index: Tensor | None = None) -> Tensor:
         """Test features (or preprocessed images when not cached) of ``index`` (all test samples when None)."""
-        if self.test_features is not None:
-            return self.test_features if index is None else self.test_features[index]
+        features = self._test_source()
+        if features is not None:
+            return features if index is None else features[index]
         items = range(len(self.bundle.test)) if index is None else index.tolist()
         return torch.stack([self.bundle.test[i][0] for i in items])
 
@@ -122,42 +155,60 @@ def check_drop_last(partition: Partition, batch_size: int) -> None:
                         "data.batch_size or set data.drop_last=false")
 
 
+def run_feature_kinds(cfg: Config) -> list[str]:
+    """The image feature kind of every algorithm the run of ``cfg`` runs: the ``image_feature_kind`` its class
+    declares for its client module (``"pooled"`` when it declares none; nothing is built)."""
+    from fedlit.algorithms import algorithm_class  # the algorithms import the modules, which import this package
+
+    names = list(ALGORITHMS) if cfg.algorithm == "all" else [cfg.algorithm]
+    return [getattr(algorithm_class(name), "image_feature_kind", POOLED) for name in names]
+
+
 def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, partition: Partition,
-                      device: torch.device, cache: FeatureCache) -> ClientData:
-    """Features as ``cfg.perf`` asks: cached test features, cached train features (or augmented views).
+                      device: torch.device, cache: FeatureCache, kinds: Sequence[str] | None = None) -> ClientData:
+    """Features as ``cfg.perf`` asks: cached test features, cached train features (or augmented views), pooled
+    always and per-token patches too when ``kinds`` (default: :func:`run_feature_kinds`) includes them. The data
+    serves patches when every kind is patches, else pooled features (:meth:`ClientData.for_module` switches).
     UserError when ``data.drop_last`` would leave a client without a single batch."""
     if cfg.data.drop_last:
         check_drop_last(partition, cfg.data.batch_size)
+    kinds = list(kinds) if kinds is not None else run_feature_kinds(cfg)
 
-    def features(split: str, dataset, views: int = 0) -> Tensor:
-        key = feature_key(backbone, bundle.name, split, bundle.transform_id, len(dataset), views)
+    def features(split: str, dataset, views: int = 0, kind: str = POOLED) -> Tensor:
+        key = feature_key(backbone, bundle.name, split, bundle.transform_id, len(dataset), views, kind)
         if not views:
             return cache.get_or_compute(key, lambda: encode_dataset(backbone, dataset, device=device,
-                                                                    num_workers=cfg.data.num_workers))
+                                                                    num_workers=cfg.data.num_workers, kind=kind))
 
         def compute_views() -> Tensor:
             out = []
             for v in range(views):
                 with torch.random.fork_rng(devices=[]):  # the random train transform draws from torch's global RNG
                     torch.manual_seed(AUGMENTED_VIEW_SEED + v)
-                    out.append(encode_dataset(backbone, dataset, device=device, num_workers=0))
+                    out.append(encode_dataset(backbone, dataset, device=device, num_workers=0, kind=kind))
             return torch.stack(out)
 
         return cache.get_or_compute(key, compute_views)
 
-    train_features = None
-    if cfg.perf.cache_features and not bundle.augmented:
-        train_features = features("train", bundle.train)
-    elif cfg.perf.cache_features and cfg.perf.augmented_views > 0:
-        train_features = features("train", bundle.train, cfg.perf.augmented_views)
+    def train(kind: str) -> Tensor | None:
+        if cfg.perf.cache_features and not bundle.augmented:
+            return features("train", bundle.train, kind=kind)
+        if cfg.perf.cache_features and cfg.perf.augmented_views > 0:
+            return features("train", bundle.train, cfg.perf.augmented_views, kind)
+        return None
+
+    patches = PATCHES in kinds and cfg.perf.cache_features
     return ClientData(
         partition=partition,
         train_labels=torch.as_tensor(bundle.train.targets, dtype=torch.long),
         test_labels=torch.as_tensor(bundle.test.targets, dtype=torch.long),
-        train_features=train_features,
+        train_features=train(POOLED),
         test_features=features("test", bundle.test) if cfg.perf.cache_features else None,
         bundle=bundle,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         drop_last=cfg.data.drop_last,
+        train_patches=train(PATCHES) if patches else None,
+        test_patches=features("test", bundle.test, kind=PATCHES) if patches else None,
+        feature_kind=PATCHES if kinds and all(k == PATCHES for k in kinds) else POOLED,
     )
