@@ -617,6 +617,10 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _integer("method.pgp_rank", m.pgp_rank, 1)
     _number("method.pgp_weight", m.pgp_weight, 0.0)
     _number("method.pgp_temp", m.pgp_temp, 0.0, open_low=True)
+    _number("method.ot_eps", m.ot_eps, 0.0, open_low=True)
+    _number("method.ot_top_percent", m.ot_top_percent, 0.0, 1.0, open_low=True)  # the prompts' mass <= the patches'
+    _integer("method.ot_max_iter", m.ot_max_iter, 1)
+    _number("method.ot_thresh", m.ot_thresh, 0.0)
     rest = m.template.replace("{}", "", 1)
     _check(m.template.count("{}") == 1 and "{" not in rest and "}" not in rest,
            f"method.template must contain exactly one {{}} (the class name) and no other braces "
