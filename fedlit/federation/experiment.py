@@ -96,7 +96,8 @@ class Job:
         algorithm, module = built or self.build(name)
         meta = meta if meta is not None else {"dataset": self.bundle.name, "config_digest": config_digest(self.cfg),
                                                "world_size": self.fabric.world_size if self.fabric else 1}
-        return Orchestrator(self.cfg, algorithm, module, self.data, Path(run_dir), fabric=self.fabric, meta=meta)
+        data = self.data.for_module(module)  # e.g. patch features for a module that asks for them
+        return Orchestrator(self.cfg, algorithm, module, data, Path(run_dir), fabric=self.fabric, meta=meta)
 
 
 def build_job(cfg: Config, fabric: Fabric | None = None) -> Job:
