@@ -3,22 +3,16 @@ prompts, and an end-to-end run."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from fedlit.algorithms import build_algorithm
-from fedlit.algorithms.base import fedavg
-from fedlit.algorithms.promptfolio import PromptFolio
-from fedlit.config import Config, load_config
+from fedlit.config import load_config
 from fedlit.errors import UserError
-from fedlit.federation.checkpoint import load_checkpoint
-from fedlit.federation.experiment import build_job, run_experiment
 from fedlit.modules.coop import CoOpClient
 from fedlit.modules.promptfolio import LOCAL, PromptFolioClient, local_prompt_init, mix_features
-from fedlit.state import PROMPT, ClientState, ServerState, StoreEntry, Upload
-from tests.helpers import fast_config, only_run_dir, read_results
+from fedlit.state import PROMPT, ClientState, StoreEntry, Upload
+from tests.method_checks import assert_groups_match_single, assert_run_averages_the_prompt_and_keeps_private
 
 
 def test_mix_is_a_convex_combination_of_normalised_features_without_renormalisation():
@@ -106,46 +100,14 @@ def test_aggregation_averages_only_the_global_prompt_and_local_prompts_stay_priv
 
 
 def test_theta_out_of_range_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"method\.theta"):  # refused by config validation
-        _algorithm(tmp_path, "method.theta=1.5")
-    cfg = Config()  # and by the algorithm itself, for a config built without validation
-    cfg.method.theta = -0.1
-    with pytest.raises(UserError, match=r"method.theta must be in \[0, 1\]"):
-        PromptFolio(cfg)
+    for theta in (1.5, -0.1):  # refused by config validation, before anything is built
+        with pytest.raises(UserError, match=r"method\.theta"):
+            _algorithm(tmp_path, f"method.theta={theta}")
 
 
 def test_grouped_training_matches_one_client_at_a_time(tmp_path):
-    orch = build_job(fast_config(tmp_path, "algorithm=promptfolio", "optim.prompt_lr=0.05")).orchestrator(
-        tmp_path / "run")
-    server = ServerState(global_state={"ctx": orch.initial.params[PROMPT] + 0.01})
-    plans = {c: orch.algorithm.plan(server, c, None, orch.initial) for c in range(orch.num_clients)}
-    results = {}
-    for size in (1, 4):
-        orch.trainer.client_batch = size
-        results[size] = orch.trainer.train(plans, 1)
-    for cid, upload in results[1].items():
-        grouped = results[4][cid]
-        assert upload.steps == grouped.steps and upload.loss == pytest.approx(grouped.loss, abs=1e-6)
-        for name in (PROMPT, LOCAL):
-            assert torch.allclose(upload.state.params[name], grouped.state.params[name], atol=1e-6), (cid, name)
+    assert_groups_match_single(tmp_path, "promptfolio", [PROMPT, LOCAL])
 
 
 def test_end_to_end_run_keeps_private_local_prompts_and_averages_the_global_one(tmp_path):
-    cfg = fast_config(tmp_path, "algorithm=promptfolio", "fed.rounds=2", "optim.prompt_lr=0.05")
-    [res] = run_experiment(cfg)
-    run_dir = only_run_dir(tmp_path)
-    assert read_results(run_dir)["final"] == res["final"]
-    last = res["rounds"][-1]
-    assert len(last["accuracy"]) == 4 and all(0.0 <= a <= 1.0 for a in last["accuracy"])
-    assert last["acc_global"] is not None
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    sizes = json.loads((run_dir / "partition.json").read_text())["train_sizes"]
-    store = ckpt["store"]
-    assert sorted(store) == [0, 1, 2, 3] and all(e["last_round"] == 2 for e in store.values())
-    uploads = [store[c]["state"][PROMPT] for c in range(4)]
-    global_ctx = ckpt["server"]["global_state"]["ctx"]
-    assert torch.equal(global_ctx, fedavg([{"ctx": u} for u in uploads], sizes)["ctx"])
-    direct = sum(n * u.double() for n, u in zip(sizes, uploads)) / sum(sizes)
-    assert torch.allclose(global_ctx.double(), direct, atol=1e-7)
-    locals_ = [store[c]["state"][LOCAL] for c in range(4)]
-    assert all(not torch.equal(locals_[i], locals_[j]) for i in range(4) for j in range(i + 1, 4))
+    assert_run_averages_the_prompt_and_keeps_private(tmp_path, "promptfolio", [LOCAL])

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from fedlit.algorithms.base import GLOBAL_PROMPT, Algorithm, fedavg, with_params
 from fedlit.backbone import Backbone
-from fedlit.config import Config
 from fedlit.errors import UserError
 from fedlit.modules import ClientModule, CoOpClient
 from fedlit.state import PROMPT, ClientPlan, ClientState, ServerState, StoreEntry, Upload
@@ -31,12 +30,6 @@ def merge_tokens(global_ctx: Tensor, own_ctx: Tensor, num_global: int) -> Tensor
 
 class FedPer(Algorithm):
     name = "fedper"
-
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        tokens = cfg.method.fedper_global_tokens
-        if tokens is not None and tokens < 0:
-            raise UserError(f"method.fedper_global_tokens must be >= 0 or null (got {tokens})")
 
     def num_global(self, n_ctx: int) -> int:
         """How many leading context tokens are global: ``method.fedper_global_tokens``, or ``n_ctx // 2``."""

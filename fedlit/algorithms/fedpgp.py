@@ -14,8 +14,6 @@ import torch
 from fedlit.algorithms.base import GLOBAL_PROMPT, with_params
 from fedlit.algorithms.promptfl import PromptFL
 from fedlit.backbone import Backbone
-from fedlit.config import Config
-from fedlit.errors import UserError
 from fedlit.modules import ClientModule
 from fedlit.modules.fedpgp import LOW_U, LOW_V, FedPGPClient
 from fedlit.state import PROMPT, ClientPlan, ClientState, ServerState, StoreEntry
@@ -23,16 +21,6 @@ from fedlit.state import PROMPT, ClientPlan, ClientState, ServerState, StoreEntr
 
 class FedPGP(PromptFL):
     name = "fedpgp"
-
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        m = cfg.method
-        if m.pgp_rank < 1:
-            raise UserError(f"method.pgp_rank must be >= 1 (the rank of FedPGP's U V); got {m.pgp_rank}")
-        if m.pgp_weight < 0:
-            raise UserError(f"method.pgp_weight must be >= 0 (the contrastive loss weight); got {m.pgp_weight}")
-        if m.pgp_temp <= 0:
-            raise UserError(f"method.pgp_temp must be > 0 (the contrastive loss temperature); got {m.pgp_temp}")
 
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
         m = self.cfg.method

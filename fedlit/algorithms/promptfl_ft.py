@@ -10,19 +10,11 @@ evaluated and then dropped: it never reaches the store, the server state or the 
 from __future__ import annotations
 
 from fedlit.algorithms.promptfl import PromptFL
-from fedlit.config import Config
-from fedlit.errors import UserError
 from fedlit.state import ClientPlan, ClientState, ServerState, StoreEntry
 
 
 class PromptFLFT(PromptFL):
     name = "promptfl_ft"
-
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        epochs = cfg.method.ft_epochs
-        if epochs is not None and epochs < 0:
-            raise UserError(f"method.ft_epochs must be >= 0 or null (null: fed.local_epochs), got {epochs}")
 
     def finetune_epochs(self) -> int:
         """Epochs of local fine-tuning before each client's personalised evaluation: ``method.ft_epochs``, or

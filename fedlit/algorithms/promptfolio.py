@@ -12,8 +12,6 @@ from __future__ import annotations
 from fedlit.algorithms.base import GLOBAL_PROMPT, with_params
 from fedlit.algorithms.promptfl import PromptFL
 from fedlit.backbone import Backbone
-from fedlit.config import Config
-from fedlit.errors import UserError
 from fedlit.modules import ClientModule
 from fedlit.modules.promptfolio import PromptFolioClient
 from fedlit.state import PROMPT, ClientPlan, ClientState, ServerState, StoreEntry
@@ -21,12 +19,6 @@ from fedlit.state import PROMPT, ClientPlan, ClientState, ServerState, StoreEntr
 
 class PromptFolio(PromptFL):
     name = "promptfolio"
-
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        theta = cfg.method.theta
-        if not 0.0 <= theta <= 1.0:
-            raise UserError(f"method.theta must be in [0, 1] (the local prompt's share of the mix); got {theta}")
 
     def build_module(self, backbone: Backbone, classnames: list[str]) -> ClientModule:
         return PromptFolioClient(backbone, classnames, theta=self.cfg.method.theta, **self.module_kwargs())
