@@ -130,6 +130,7 @@ class FederationConfig:
 @dataclass
 class EvalConfig:
     protocol: str = "standard"  # standard | base2novel (train on the first half of the classes, test base and novel)
+    diagnostics: bool = False  # per client and evaluated round, the module diagnostics (pFedMoAP: expert attention)
 
 
 @dataclass

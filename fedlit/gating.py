@@ -95,6 +95,16 @@ class AttentionGate(nn.Module):
         ...}`` (views of the parameters, so gradients reach them)."""
         return {name: p.unsqueeze(0) for name, p in self.named_parameters()}
 
+    def expert_weights(self, image_features: Tensor, expert_text_features: Tensor) -> Tensor:
+        """The gate's weight of each expert per (image, class, head): ``(B, C, H, E)`` for images ``(B, D)`` and
+        experts ``(E, C, D)`` (the local expert first). Rows sum to 1 (less with top-k routing, see
+        :func:`routing_weights`); computed explicitly, outside the fused kernel, for inspection."""
+        self._check_inputs(image_features, expert_text_features, grouped=False)
+        query = downsample(image_features.unsqueeze(0), self.d_gate)
+        experts = downsample(expert_text_features.unsqueeze(0), self.d_gate)
+        q, k, _ = _heads(query, experts, self.stacked_weights(), self.num_heads)
+        return routing_weights(q, k, self.scale, self.top_k).permute(2, 0, 1, 3)
+
     def forward(self, image_features: Tensor, expert_text_features: Tensor) -> Tensor:
         """Mixed class embeddings ``T_moe`` of shape ``(C, B, d_gate)``.
 
@@ -182,17 +192,7 @@ def gate_attention(
     groups, num_experts, num_classes, d_gate = experts.shape
     batch = query.shape[1]
     d_head = d_gate // num_heads
-    # Heads as contiguous chunks of d_gate (nn.MultiheadAttention's layout). The classes form the batch axis and
-    # the (gate, head) pairs the head axis: q (G*H, B, d_h) is shared by every class, k and v are (C, G*H, E, d_h).
-    q = _linear(query, weights, "q_proj").view(groups, batch, num_heads, d_head).transpose(1, 2)
-    q = q.reshape(groups * num_heads, batch, d_head)
-    flat = experts.reshape(groups, num_experts * num_classes, d_gate)
-
-    def keys(name: str) -> Tensor:
-        out = _linear(flat, weights, name).view(groups, num_experts, num_classes, num_heads, d_head)
-        return out.permute(2, 0, 3, 1, 4).reshape(num_classes, groups * num_heads, num_experts, d_head)
-
-    k, v = keys("k_proj"), keys("v_proj")
+    q, k, v = _heads(query, experts, weights, num_heads)
     if top_k is None or top_k >= num_experts:
         q = q.unsqueeze(0).expand(num_classes, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (C, G*H, B, d_h)
@@ -203,14 +203,38 @@ def gate_attention(
     return out.view(groups, num_classes, batch, d_gate)
 
 
-def _attend_top_k(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int) -> Tensor:
-    """Switch-style routing: ``q`` (N, B, d_h), ``k``/``v`` (C, N, E, d_h) -> (C, N, B, d_h), N = gates x heads.
+def _heads(query: Tensor, experts: Tensor, weights: dict[str, Tensor], num_heads: int) -> tuple[Tensor, ...]:
+    """Projected heads: ``q`` (G*H, B, d_h), shared by every class, and ``k``, ``v`` (C, G*H, E, d_h).
 
-    The kept experts keep their full-softmax probabilities, so the weights do not sum to one and the
-    gate still receives a gradient through them (a renormalised top-1 weight would be constant 1).
+    Heads are contiguous chunks of d_gate (nn.MultiheadAttention's layout). The classes form the batch axis and
+    the (gate, head) pairs the head axis, so all G gates and C classes go through one attention call.
     """
-    scores = scale * torch.einsum("nbd,cned->cnbe", q, k)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    groups, num_experts, num_classes, d_gate = experts.shape
+    batch = query.shape[1]
+    d_head = d_gate // num_heads
+    q = _linear(query, weights, "q_proj").view(groups, batch, num_heads, d_head).transpose(1, 2)
+    q = q.reshape(groups * num_heads, batch, d_head)
+    flat = experts.reshape(groups, num_experts * num_classes, d_gate)
+
+    def keys(name: str) -> Tensor:
+        out = _linear(flat, weights, name).view(groups, num_experts, num_classes, num_heads, d_head)
+        return out.permute(2, 0, 3, 1, 4).reshape(num_classes, groups * num_heads, num_experts, d_head)
+
+    return q, keys("k_proj"), keys("v_proj")
+
+
+def routing_weights(q: Tensor, k: Tensor, scale: float, top_k: int | None = None) -> Tensor:
+    """Each expert's weight ``(C, N, B, E)`` for queries ``q`` (N, B, d_h) and keys ``k`` (C, N, E, d_h), N = gates
+    x heads: the softmax of ``scale <q, k>`` over the E experts; with ``top_k``, the kept experts keep their
+    full-softmax probabilities and the others get 0 (Switch-style: the weights do not sum to one, and the gate
+    still receives a gradient through them; a renormalised top-1 weight would be constant 1)."""
+    probs = torch.softmax(scale * torch.einsum("nbd,cned->cnbe", q, k), dim=-1, dtype=torch.float32)
+    if top_k is None or top_k >= k.shape[2]:
+        return probs
     top = probs.topk(top_k, dim=-1).indices
-    weights = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
-    return torch.einsum("cnbe,cned->cnbd", weights.to(v.dtype), v)
+    return torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+
+
+def _attend_top_k(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int) -> Tensor:
+    """Top-k routing: ``q`` (N, B, d_h), ``k``/``v`` (C, N, E, d_h) -> (C, N, B, d_h) (see :func:`routing_weights`)."""
+    return torch.einsum("cnbe,cned->cnbd", routing_weights(q, k, scale, top_k).to(v.dtype), v)

@@ -27,6 +27,23 @@ class Evaluation:
     global_accuracy: float | None
     novel: list[float | None] | None = None
     global_novel: float | None = None
+    diagnostics: dict[str, list] | None = None  # name -> per client: the mean over its test images, or None
+
+
+@torch.no_grad()
+def client_diagnostics(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor) -> dict[str, list[float]]:
+    """The module's :meth:`~fedlit.modules.base.ClientModule.diagnostics` of the model ``plan`` describes, averaged
+    over ``inputs`` (features or images): ``{name: [floats]}``."""
+    module = trainer.module
+    trainer.load(plan)
+    module.eval()
+    sums: dict[str, Tensor] = {}
+    with trainer.autocast():
+        for start in range(0, len(inputs), EVAL_CHUNK):
+            x = module.image_features(inputs[start : start + EVAL_CHUNK].to(trainer.device))
+            for name, value in module.diagnostics(x).items():
+                sums[name] = sums.get(name, 0) + value.float().sum(dim=0).cpu()
+    return {name: (total / len(inputs)).reshape(-1).tolist() for name, total in sums.items()}
 
 
 @torch.no_grad()
@@ -53,7 +70,7 @@ def accuracy_counts(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor, lab
 
 def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, store: dict[int, StoreEntry],
              initial: ClientState, fabric=None, split: tuple[list[int], list[int]] | None = None,
-             round_index: int = 0) -> Evaluation:
+             round_index: int = 0, diagnostics: bool = False) -> Evaluation:
     """Every client's personalised model on its own test split and the global model on the whole test set;
     clients are sharded over ranks and the counts summed with one all-reduce. ``split`` = (base, novel) classes
     for the base-to-novel protocol: own split over the base classes, plus every novel test sample over the
@@ -73,8 +90,12 @@ def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, s
     if epochs > 0:  # seeded by (seed, round, client): the same tuned model on any rank, in any order
         tuned = trainer.train(plans, round_index, epochs=epochs, stream=FINETUNE_STREAM)
         plans = {cid: ClientPlan(start=tuned[cid].state, extras=plans[cid].extras) for cid in plans}
+    recorded: dict[int, dict[str, list[float]]] = {}
     for cid in mine:
         plan = plans[cid]
+        if diagnostics and sizes[cid]:
+            index = torch.as_tensor(part.test_indices[cid], dtype=torch.long)
+            recorded[cid] = client_diagnostics(trainer, plan, data.test_inputs(index))
         if sizes[cid]:
             index = torch.as_tensor(part.test_indices[cid], dtype=torch.long)
             counts[cid, :2] = torch.tensor(accuracy_counts(trainer, plan, data.test_inputs(index),
@@ -86,6 +107,8 @@ def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, s
         counts = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").cpu()
     result = Evaluation(accuracy=_ratios(counts[:, :2]), global_accuracy=None,
                         novel=_ratios(counts[:, 2:]) if novel_index is not None else None)
+    if diagnostics:
+        result.diagnostics = _per_client(_gather_objects(recorded, world), num_clients)
     plan = algorithm.global_plan(server, initial)
     if plan is not None:
         if novel_index is None:
@@ -106,3 +129,18 @@ def _ratios(counts: Tensor) -> list[float | None]:
 
 def _ratio(counts: tuple[int, int]) -> float:
     return counts[0] / max(counts[1], 1)
+
+
+def _gather_objects(local: dict, world: int) -> dict:
+    """The union of every rank's dict (one ``all_gather_object``; the dicts are small)."""
+    if world == 1:
+        return local
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, local)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def _per_client(recorded: dict[int, dict[str, list[float]]], num_clients: int) -> dict[str, list]:
+    """``{client: {name: values}}`` as ``{name: [values or None per client]}``."""
+    names = sorted({name for entry in recorded.values() for name in entry})
+    return {name: [recorded.get(c, {}).get(name) for c in range(num_clients)] for name in names}

@@ -199,7 +199,7 @@ class Orchestrator:
     def _evaluate_round(self, state: RunState, r: int, loss: float | None, clients: int, seconds: float) -> None:
         t0 = time.perf_counter()
         result = evaluate(self.trainer, self.algorithm, state.server, state.store, self.initial, self.fabric,
-                          self.split, round_index=r)
+                          self.split, round_index=r, diagnostics=self.cfg.eval.diagnostics)
         accuracies, global_acc = result.accuracy, result.global_accuracy
         part = self.data.partition
         row = {"round": r, "clients": clients, "loss": loss, "acc_global": global_acc,
@@ -212,7 +212,8 @@ class Orchestrator:
             row["domains"] = domain_metrics(accuracies, part.client_domains, domain_names)
         state.history.append(row)
         state.per_client.append({"round": r, "accuracy": accuracies,
-                                 **({"novel": result.novel} if result.novel is not None else {})})
+                                 **({"novel": result.novel} if result.novel is not None else {}),
+                                 **({"diagnostics": result.diagnostics} if result.diagnostics is not None else {})})
         glob = f" | global {100 * global_acc:.2f}%" if global_acc is not None else ""
         lossed = f" | loss {loss:.4f}" if loss is not None else ""
         self.log(f"[{self.algorithm.name}] round {r:>3}/{self.total_rounds} | clients {clients}{lossed} | "

@@ -94,6 +94,11 @@ class ClientModule(L.LightningModule):
         extra = self.regularizer()
         return loss if extra is None else loss + extra
 
+    def diagnostics(self, image_features: Tensor) -> dict[str, Tensor]:
+        """Per-image quantities ``{name: (B, ...)}`` a run may record (averaged per client and evaluated round,
+        ``eval.diagnostics=true``), for normalised image features ``(B, D)``; none by default."""
+        return {}
+
     # -- per-round inputs and groups of clients ---------------------------------------------------------------
     def set_extras(self, extras: dict[str, Any]) -> None:
         """Take a plan's per-method inputs (``ClientPlan.extras``, e.g. expert prompts or a FedProx centre); each

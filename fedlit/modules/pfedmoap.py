@@ -85,6 +85,22 @@ class PFedMoAPClient(CoOpClient):
             self._feature_cache[pool_id] = (upload_round, features)
         return features
 
+    @torch.no_grad()
+    def expert_attention(self, image_features: Tensor) -> Tensor | None:
+        """The gate's weight of each expert per (image, class, head), ``(B, C, H, E)``, the local expert first and
+        the loaded experts in their plan order (None without experts)."""
+        if self.num_loaded_experts == 0:
+            return None
+        text = self.class_text_features()
+        experts = torch.cat([text.unsqueeze(0), self.expert_features.to(text)], dim=0)
+        return self.gate.expert_weights(image_features, experts)
+
+    def diagnostics(self, image_features: Tensor) -> dict[str, Tensor]:
+        """``expert_attention``: each expert's weight per image ``(B, E)``, averaged over classes and heads (none
+        without experts)."""
+        weights = self.expert_attention(image_features)
+        return {} if weights is None else {"expert_attention": weights.float().mean(dim=(1, 2))}
+
     def set_extras(self, extras: dict[str, Any]) -> None:
         """``experts`` ``(K, *ctx_shape)`` with their ``expert_keys``; without them the client has no experts."""
         rest = dict(extras)

@@ -66,6 +66,12 @@ class LinearGate(nn.Module):
         return linear_gate_weights(query, weights["proj.weight"].to(query), weights["proj.bias"].to(query),
                                    num_experts, self.top_k)
 
+    def expert_weights(self, image_features: Tensor, expert_text_features: Tensor) -> Tensor:
+        """Each expert's weight ``(B, C, 1, E)`` for images ``(B, D)`` and experts ``(E, C, D)``: one mixture per
+        image, shared by every class (one "head"), as :meth:`AttentionGate.expert_weights` lays it out."""
+        mix = self.mixture_weights(image_features.unsqueeze(0), expert_text_features.shape[0])[0]  # (B, E)
+        return mix[:, None, None, :].expand(-1, expert_text_features.shape[1], 1, -1)
+
     def group_moe_logits(self, image_features: Tensor, expert_text_features: Tensor, logit_scale: Tensor | float,
                          weights: dict[str, Tensor] | None = None) -> Tensor:
         """MoE logits ``(G, B, C)`` of G gates: ``s * sum_e w[g, b, e] <P(I_gb), P(T_gec)>`` from images
