@@ -154,6 +154,8 @@ def test_client_data_caches_patches_under_their_own_key_and_serves_each_module_i
     x, _ = next(served.train_batches(0, client_generator(0, 1, 0), CPU))
     assert x.shape == (32, 17, 64) and served.test_inputs().shape == (32, 17, 64)
     assert data.for_module(torch.nn.Module()).test_inputs().shape == (32, 64)  # no attribute: pooled
+    assert data.cached_bytes() == 4 * 64 * (64 + 32)  # the memory report counts what each view serves
+    assert served.cached_bytes() == 4 * 17 * 64 * (64 + 32)
     pooled_only = build_client_data(cfg, backbone, bundle, part, CPU, cache)  # promptfl's module: pooled only
     assert pooled_only.train_patches is None and pooled_only.feature_kind == "pooled"
     with pytest.raises(ValueError, match="no cached patches"):

@@ -87,6 +87,11 @@ class ClientData:
             raise ValueError(f"no cached {kind} features: build the client data with kinds including {kind!r}")
         return view
 
+    def cached_bytes(self) -> int:
+        """Bytes of every cached feature tensor this view serves (pooled features, or per-token patches)."""
+        return sum(int(t.numel() * t.element_size()) for t in (self._train_source(), self._test_source())
+                   if t is not None)
+
     def for_module(self, module) -> ClientData:
         """The view serving ``module`` the kind its ``image_feature_kind`` names (``"pooled"`` when it has none)."""
         return self.for_kind(getattr(module, "image_feature_kind", POOLED))

@@ -30,7 +30,7 @@ from fedlit.federation.signals import STOP, Preempted
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
 from fedlit.metrics import base_novel_metrics, domain_metrics, round_metrics
 from fedlit.modules import ClientModule
-from fedlit.reporting import build_results, memory_per_client, tensor_bytes, write_results
+from fedlit.reporting import build_results, memory_per_client, write_results
 from fedlit.state import ClientState, StoreEntry, Upload
 
 
@@ -129,7 +129,7 @@ class Orchestrator:
         if self.rank == 0 and not checkpoint.is_file():
             save_checkpoint(checkpoint, state, self.identity)
         memory = memory_per_client(list(state.store.values()), self.initial.flat(),
-                                   tensor_bytes([self.data.train_features, self.data.test_features]),
+                                   self.data.cached_bytes(),
                                    self.num_clients)
         self.log(f"[{self.algorithm.name}] memory per simulated client: " + ", ".join(
             f"{k.removesuffix('_bytes')} {v / 1024:.1f} KiB" for k, v in memory.items())
