@@ -150,8 +150,9 @@ def comparison_table(results: list[dict], key: str = "last_round") -> str:
     groups: dict[tuple[str, str], list[float]] = {}
     for r in results:
         groups.setdefault((r.get("dataset", "?"), r["algorithm"]), []).append(100.0 * r["final"][key])
-    lines = [f"{'dataset':<16} {'algorithm':<12} {'seeds':>5} {key + ' (%)':>18}"]
+    width = max([len("algorithm")] + [len(a) for _, a in groups])
+    lines = [f"{'dataset':<16} {'algorithm':<{width}} {'seeds':>5} {key + ' (%)':>18}"]
     for (dataset, algorithm), values in sorted(groups.items()):
         v = np.asarray(values)
-        lines.append(f"{dataset:<16} {algorithm:<12} {len(v):>5} {v.mean():>10.2f} ± {v.std():5.2f}")
+        lines.append(f"{dataset:<16} {algorithm:<{width}} {len(v):>5} {v.mean():>10.2f} ± {v.std():5.2f}")
     return "\n".join(lines)
