@@ -175,7 +175,7 @@ class PerfConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "cpu"
+    accelerator: str = "auto"  # the GPU when one is visible (CUDA, else Apple MPS), else the CPU
     devices: int = 1
     num_nodes: int = 1
     precision: str = "32-true"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlit.config import load_config
+from fedlit.config import ALGORITHMS, load_config
 from fedlit.federation.experiment import build_job, run_experiment
 from fedlit.sanity import check_zero_shot, zero_shot_accuracy
 from tests.helpers import cache_dir
@@ -39,6 +39,11 @@ def test_quickstart_shows_the_papers_ordering(tmp_path):
                                                f"run.out_dir={tmp_path}", "algorithm=all"])
     final = {r["algorithm"]: r["final"]["last_round"] for r in run_experiment(cfg)}
     assert final["zeroshot"] < final["promptfl"] < final["pfedmoap"], final
+    assert set(final) == set(ALGORITHMS)  # every method runs end to end on the offline default
+    assert all(final[m] > final["zeroshot"] for m in final if m != "zeroshot"), final
+    # the personalised methods beat the one global prompt on this label-skewed split
+    assert all(final[m] > final["promptfl"] + 0.05 for m in ("promptfl_ft", "promptfolio", "fedper",
+                                                              "pfedmoap_linear", "coop_local")), final
 
 
 def test_base_to_novel_on_the_offline_default(tmp_path):
