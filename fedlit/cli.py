@@ -1,4 +1,6 @@
-"""``fedlit-train`` / ``experiments/train.py``: a config file plus ``key=value`` overrides -> a federated run.
+"""``fedlit train`` / ``fedlit-train`` / ``experiments/train.py``: a config file plus ``key=value`` overrides -> a
+federated run. A ``--config`` that is not a file names a packaged config (``paper/table1_dtd``, see
+:mod:`fedlit.packaged`). Warnings about a method whose defining feature is inert go to stderr before the run.
 
 Exit codes: 0 success (or stopped and requeued under Slurm), 2 bad input (:class:`~fedlit.errors.UserError`, or a
 write refused because the disk is full, read-only, over quota or not permitted): one line ``error: ...`` on
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import traceback
 
@@ -29,7 +32,7 @@ MAIN_KEYS = """main keys (any key of the config can be overridden as key=value):
   data.shots=16  fed.rounds=10  fed.frac=1.0  fed.local_epochs=5  fed.eval_every=1
   method.num_experts=10  method.selection=knn|random  method.lam=0.5  method.mu=0.01  gate.top_k=null
   prompt.n_ctx=16  prompt.ctx_init=null  prompt.class_specific=false  optim.prompt_lr=0.002  optim.gate_lr=0.01
-  trainer.devices=1  trainer.accelerator=cpu|gpu|cuda|mps|auto  trainer.precision=32-true|bf16-mixed|16-mixed
+  trainer.devices=1  trainer.accelerator=auto|cpu|gpu|cuda|mps  trainer.precision=32-true|bf16-mixed|16-mixed
   run.name=default  run.out_dir=runs  run.resume=null|auto|<run dir>  run.quiet=false
 
 run.name is one plain folder name (letters, digits, . _ - + = , @; at most 100 characters); runs are written to
@@ -50,15 +53,16 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str = "fedlit-train") -> argparse.Namespace:
     """The command line: ``--config``, ``--debug`` and ``key=value`` overrides (usage errors are UserErrors)."""
     parser = _Parser(
-        prog="fedlit-train",
+        prog=prog,
         description="Federated prompt learning on CLIP (PromptFL, pFedMoAP and baselines).",
         epilog=MAIN_KEYS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", "-c", default=None, help="YAML config file (default: typed defaults)")
+    parser.add_argument("--config", "-c", default=None,
+                        help="YAML config file, or a packaged one by name (paper/table1_dtd; default: typed defaults)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of bad-input errors too")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm=promptfl fed.rounds=5")
     return parser.parse_args(argv)
@@ -95,7 +99,7 @@ def write_error_message(err: OSError, out_dir: str, cache_dir: str) -> str:
 
 def check_accelerator(accelerator: str, devices: int) -> None:
     """UserError when ``trainer.accelerator`` names a device this machine does not have, or more GPUs than are
-    visible (Fabric would raise a RuntimeError after the imports)."""
+    visible (Fabric would raise a RuntimeError after the imports); ``auto`` picks the GPU when one is visible."""
     import torch
 
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
@@ -105,17 +109,27 @@ def check_accelerator(accelerator: str, devices: int) -> None:
     if accelerator == "mps" and not mps:
         raise UserError("trainer.accelerator=mps but Apple's MPS is not available on this machine; "
                         "use trainer.accelerator=cpu or auto")
-    if accelerator in ("gpu", "cuda") and cuda and devices > torch.cuda.device_count():
+    if accelerator in ("gpu", "cuda", "auto") and cuda and devices > torch.cuda.device_count():
         raise UserError(f"trainer.devices={devices} but only {torch.cuda.device_count()} GPU(s) are visible")
 
 
-def train(args: argparse.Namespace) -> int:
-    """Load and validate the configuration, then run it; returns the exit code (0, or 3 after a stop signal). A
-    refused write (disk full, permission, read-only, quota) becomes a UserError."""
-    from fedlit.config import load_config
+def is_first_process() -> bool:
+    """Whether this is the first process of a run (launched DDP workers and Slurm tasks other than 0 are not)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
-    cfg = load_config(args.config, args.overrides)
+
+def train(args: argparse.Namespace) -> int:
+    """Load and validate the configuration, warn about inert methods, then run it; returns the exit code (0, or 3
+    after a stop signal). A refused write (disk full, permission, read-only, quota) becomes a UserError."""
+    from fedlit.config import load_config
+    from fedlit.packaged import resolve_config
+    from fedlit.summary import inert_warnings
+
+    cfg = load_config(resolve_config(args.config), args.overrides)
     check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    if is_first_process():
+        for warning in inert_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
     from fedlit.federation.experiment import run_experiment
 
     try:
@@ -142,14 +156,14 @@ def _report(message: str, debug: bool) -> int:
     return EXIT_BAD_INPUT
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "fedlit-train") -> int:
     """Entry point; returns the process exit code (see the module docstring). A stop signal from this point on is
     recorded and honoured at the first round boundary."""
     STOP.install()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        return train(parse_args(argv))
+        return train(parse_args(argv, prog))
     except UserError as err:
         return _report(str(err), debug)
     finally:

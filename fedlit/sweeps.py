@@ -21,13 +21,20 @@ Command line (used by ``slurm/array.sbatch``)::
     python -m fedlit.sweeps range FILE [MAX]   # the --array spec, e.g. 0-3 (or 0-3%MAX)
     python -m fedlit.sweeps args FILE INDEX    # the arguments of experiments/train.py for cell INDEX, one a line
     python -m fedlit.sweeps list FILE          # every cell, one line each
+
+The same commands are ``fedlit sweep count|range|args|list``; ``fedlit sweep run FILE --jobs N`` runs the cells on
+this machine instead, N subprocesses at a time (:func:`run_sweep`).
 """
 
 from __future__ import annotations
 
 import difflib
 import itertools
+import os
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,7 @@ from typing import Any
 import yaml
 
 from fedlit.config import valid_keys
+from fedlit.threads import THREAD_VARIABLE, threads_per_process
 
 SWEEP_KEYS = ("name", "config", "base", "grid", "cells")
 
@@ -148,6 +156,44 @@ def array_range(count: int, max_parallel: int | None = None) -> str:
     """The ``sbatch --array`` spec for ``count`` tasks: ``"0-(count-1)"``, plus ``"%max_parallel"`` if given."""
     spec = f"0-{count - 1}" if count > 1 else "0"
     return f"{spec}%{max_parallel}" if max_parallel else spec
+
+
+def cell_command(sweep: Sweep, index: int) -> list[str]:
+    """The command line that trains cell ``index`` with this Python interpreter (``python -m fedlit train ...``)."""
+    return [sys.executable, "-m", "fedlit", "train", *sweep.argv(index)]
+
+
+def run_cell(sweep: Sweep, index: int, threads: int, log_dir: Path) -> tuple[int, float]:
+    """Train cell ``index`` in a subprocess with ``threads`` intra-op threads, its output in
+    ``log_dir/cell-<index>.log``; returns (exit code, seconds)."""
+    env = {**os.environ, THREAD_VARIABLE: str(threads)}
+    t0 = time.perf_counter()
+    with (log_dir / f"cell-{index}.log").open("w") as log:
+        code = subprocess.run(cell_command(sweep, index), env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    return code, time.perf_counter() - t0
+
+
+def run_sweep(sweep: Sweep, jobs: int, log_dir: str | Path, cores: int | None = None) -> list[int]:
+    """Run every cell of ``sweep`` locally, ``jobs`` subprocesses at a time in index order, each with
+    ``OMP_NUM_THREADS = cores // jobs`` (at least 1); one line per finished cell on stdout. Returns the exit code of
+    every cell."""
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1 (got {jobs})")
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    threads = threads_per_process(jobs, cores)
+    total = len(sweep.cells)
+    print(f"sweep {sweep.name}: {total} cells, {jobs} at a time, {THREAD_VARIABLE}={threads}, logs in {log_dir}",
+          flush=True)
+
+    def one(index: int) -> int:
+        code, seconds = run_cell(sweep, index, threads, log_dir)
+        status = "ok" if code == 0 else f"exit {code}, see {log_dir / f'cell-{index}.log'}"
+        print(f"cell {index + 1}/{total} ({status}, {seconds:.1f} s): {' '.join(sweep.cells[index])}", flush=True)
+        return code
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, range(total)))
 
 
 USAGE = """usage: python -m fedlit.sweeps count FILE | range FILE [MAX_PARALLEL] | args FILE INDEX | list FILE

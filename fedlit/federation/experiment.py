@@ -29,6 +29,7 @@ from fedlit.io import atomic_write, default_cache_dir, remove_stale_temporaries
 from fedlit.modules import ClientModule
 from fedlit.reporting import RunLock, comparison_table, latest_run_dir, new_run_dir_name
 from fedlit.sanity import check_zero_shot, zero_shot_accuracy
+from fedlit.threads import apply_thread_default
 
 # Keys that may differ between an interrupted run and its resumption (layout and bookkeeping, not the maths).
 RESUMABLE_KEYS = ("run", "trainer")
@@ -46,14 +47,23 @@ def is_pretrained(cfg: Config) -> bool:
     return cfg.backbone.name == "shapes-clip" or (cfg.backbone.pretrained is not None)
 
 
+def results_config(cfg: Config) -> dict:
+    """The resolved configuration stored in ``results.json`` (for ``fedlit compare``): every key except the run
+    bookkeeping and the process layout (``run``, ``trainer``), which may change on resume and never change the
+    numbers, so that a resumed run writes the same file as an uninterrupted one."""
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_KEYS}
+
+
 def make_fabric(cfg: Config) -> Fabric:
-    """A launched Fabric for ``cfg.trainer`` (DDP processes when more than one device or node; never wraps models)."""
+    """A launched Fabric for ``cfg.trainer`` (DDP processes when more than one device or node; never wraps models).
+    Unless ``OMP_NUM_THREADS`` is set, each process gets the cores available divided by the processes per node."""
     # Harmless notices on CPU clusters: srun on PATH outside a job, and the deprecated autograd all_gather path.
     warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
     t = cfg.trainer
     multi = t.devices * t.num_nodes > 1
     strategy = t.strategy if t.strategy != "auto" else ("ddp" if multi else "auto")
+    apply_thread_default(t.devices)
     fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
                     strategy=strategy)
     fabric.launch()
@@ -95,7 +105,8 @@ class Job:
         module from :meth:`build`)."""
         algorithm, module = built or self.build(name)
         meta = meta if meta is not None else {"dataset": self.bundle.name, "config_digest": config_digest(self.cfg),
-                                               "world_size": self.fabric.world_size if self.fabric else 1}
+                                               "world_size": self.fabric.world_size if self.fabric else 1,
+                                               "config": results_config(self.cfg)}
         data = self.data.for_module(module)  # e.g. patch features for a module that asks for them
         return Orchestrator(self.cfg, algorithm, module, data, Path(run_dir), fabric=self.fabric, meta=meta)
 
