@@ -67,6 +67,9 @@ NAME_MAX_BYTES = 255  # one path component (Linux NAME_MAX)
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,@-]*")
 RESUME_MARKERS = ("config.yaml", "checkpoint.pt")
 BOOLEAN_WORDS = ("", "false", "true", "none", "null")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "geometric_median", "centered_clipping", "monna")
+PRE_AGGREGATORS = ("none", "nnm", "bucketing", "clipping")
+ATTACKS = ("none", "sign_flip", "gaussian", "label_flip", "alie", "zero")
 
 
 class ConfigError(UserError):
@@ -125,6 +128,7 @@ class FederationConfig:
     frac: float = 1.0  # fraction of clients sampled per round
     local_epochs: int = 5
     eval_every: int = 1
+    dropout: float = 0.0  # probability that a sampled client fails to upload (seeded per seed, round, client)
 
 
 @dataclass
@@ -160,6 +164,38 @@ class MethodConfig:
     ot_top_percent: float = 0.8  # fedotp: mass the prompts receive from the patches (TOP_PERCENT=0.80, OT=COT)
     ot_max_iter: int = 100  # fedotp: Sinkhorn iterations at most (MAX_ITER=100 in FedOTP's scripts)
     ot_thresh: float = 1e-3  # fedotp: stop once the mean change of v is below this (THRESH=0.001)
+
+
+@dataclass
+class PrivacyConfig:
+    clip: float | None = None  # client-level DP: L2 bound of each client's prompt update (None: DP off)
+    noise_multiplier: float = 0.0  # z: Gaussian noise std z * clip on the sum of clipped updates
+    delta: float = 1e-5  # the delta epsilon is reported at
+    target_epsilon: float | None = None  # set z by the accountant so that the planned rounds spend this epsilon
+    local: bool = False  # local DP: each client clips and noises its own update (the server sees noised prompts)
+
+
+@dataclass
+class RobustConfig:
+    aggregator: str = "mean"  # mean | median | trimmed_mean | krum | multikrum | geometric_median |
+    # centered_clipping | monna (byzfl, on the flattened prompt updates)
+    pre: str = "none"  # none | nnm | bucketing | clipping (byzfl pre-aggregation)
+    f: int = 0  # Byzantine clients the aggregator tolerates (trimmed_mean, krum, multikrum, nnm, monna)
+    bucket_size: int = 2  # bucketing: updates averaged per bucket
+    pre_clip: float = 0.1  # clipping: L2 bound of each update (offline default: honest updates 0.06-0.23)
+    cc_tau: float = 0.1  # centered_clipping: clipping radius around the previous global prompt
+    cc_iters: int = 3  # centered_clipping: iterations
+    gm_nu: float = 1e-6  # geometric_median: smoothing (lower bound of the Weiszfeld distances)
+    gm_iters: int = 10  # geometric_median: Weiszfeld iterations
+
+
+@dataclass
+class AttackConfig:
+    kind: str = "none"  # none | sign_flip | gaussian | label_flip | alie | zero
+    fraction: float = 0.0  # share of the clients that are Byzantine (chosen once per run from the seed)
+    scale: float = 10.0  # sign_flip: an attacker uploads -scale times its own update
+    sigma: float = 0.1  # gaussian: an attacker's update is N(0, sigma^2) per coordinate
+    alie_z: float | None = None  # alie: mean + z * std of the honest updates (None: z of the ALIE paper)
 
 
 @dataclass
@@ -204,6 +240,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -587,6 +626,7 @@ def _check_fed(f: FederationConfig) -> None:
     _check(_is_number(f.frac) and 0.0 < f.frac <= 1.0, f"fed.frac must be in (0, 1] (got {f.frac})")
     _integer("fed.local_epochs", f.local_epochs, 1)
     _integer("fed.eval_every", f.eval_every, 1)
+    _number("fed.dropout", f.dropout, 0.0, 1.0, open_high=True)
 
 
 def _check_optim(o: OptimConfig) -> None:
@@ -626,6 +666,44 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _check(m.template.count("{}") == 1 and "{" not in rest and "}" not in rest,
            f"method.template must contain exactly one {{}} (the class name) and no other braces "
            f"(got {m.template!r})")
+
+
+def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
+    if p.clip is not None:
+        _number("privacy.clip", p.clip, 0.0, open_low=True)
+    _number("privacy.noise_multiplier", p.noise_multiplier, 0.0)
+    _number("privacy.delta", p.delta, 0.0, 1.0, open_low=True, open_high=True)
+    if p.target_epsilon is not None:
+        _number("privacy.target_epsilon", p.target_epsilon, 0.0, open_low=True)
+    noised = p.noise_multiplier > 0 or p.target_epsilon is not None
+    _check(p.clip is not None or not (noised or p.local),
+           "privacy.noise_multiplier, privacy.target_epsilon and privacy.local need privacy.clip (the L2 bound "
+           "of a client's update)")
+    robust = cfg.robust.aggregator != "mean" or cfg.robust.pre != "none"
+    _check(p.clip is None or p.local or not robust,
+           f"central DP (privacy.clip) bounds the sum of updates, not robust.aggregator={cfg.robust.aggregator} / "
+           f"robust.pre={cfg.robust.pre}; use robust.aggregator=mean and robust.pre=none, or privacy.local=true")
+
+
+def _check_robust(r: RobustConfig) -> None:
+    _choice("robust.aggregator", r.aggregator, AGGREGATORS)
+    _choice("robust.pre", r.pre, PRE_AGGREGATORS)
+    _integer("robust.f", r.f, 0)
+    _integer("robust.bucket_size", r.bucket_size, 1)
+    _number("robust.pre_clip", r.pre_clip, 0.0)
+    _number("robust.cc_tau", r.cc_tau, 0.0)
+    _integer("robust.cc_iters", r.cc_iters, 0)
+    _number("robust.gm_nu", r.gm_nu, 0.0, open_low=True)
+    _integer("robust.gm_iters", r.gm_iters, 0)
+
+
+def _check_attack(a: AttackConfig) -> None:
+    _choice("attack.kind", a.kind, ATTACKS)
+    _number("attack.fraction", a.fraction, 0.0, 1.0, open_high=True)
+    _number("attack.scale", a.scale, 0.0)
+    _number("attack.sigma", a.sigma, 0.0)
+    if a.alie_z is not None:
+        _number("attack.alie_z", a.alie_z, 0.0)
 
 
 def _check_perf(p: PerfConfig) -> None:
@@ -672,5 +750,8 @@ def validate(cfg: Config) -> None:
     _check_optim(cfg.optim)
     _check_method(cfg.method, cfg)
     _check_perf(cfg.perf)
+    _check_robust(cfg.robust)
+    _check_privacy(cfg.privacy, cfg)
+    _check_attack(cfg.attack)
     _check_trainer(cfg.trainer)
     _check_run(cfg.run)

@@ -72,8 +72,13 @@ def latest_run_dir(out_dir: str | Path, name: str) -> Path | None:
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    """One row per evaluated round with the METRIC_COLUMNS (and the BASE_NOVEL_COLUMNS when reported)."""
-    columns = METRIC_COLUMNS[:-1] + [c for c in BASE_NOVEL_COLUMNS if any(c in row for row in rows)] + ["seconds"]
+    """One row per evaluated round with the METRIC_COLUMNS (and the BASE_NOVEL_COLUMNS when reported), then any
+    other numeric key the rows carry (an algorithm's ``report``, e.g. ``epsilon``), in first-seen order."""
+    known = set(METRIC_COLUMNS) | set(BASE_NOVEL_COLUMNS) | {"clients_without_test"}
+    extra = list(dict.fromkeys(k for row in rows for k, v in row.items()
+                               if k not in known and (v is None or isinstance(v, (int, float)))))
+    columns = (METRIC_COLUMNS[:-1] + [c for c in BASE_NOVEL_COLUMNS if any(c in row for row in rows)] + extra
+               + ["seconds"])
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

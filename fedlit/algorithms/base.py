@@ -11,9 +11,12 @@ import abc
 from typing import Any
 
 import numpy as np
+import torch
 
+from fedlit import privacy, robust
 from fedlit.backbone import Backbone
 from fedlit.config import Config
+from fedlit.federation.sampling import attacked_clients
 from fedlit.modules import ClientModule
 from fedlit.state import PROMPT, ClientPlan, ClientState, Params, ServerState, StoreEntry, Upload
 
@@ -98,13 +101,97 @@ class Algorithm(abc.ABC):
         """The global model, evaluated on the whole test set (None when the method has no global prompt)."""
         return ClientPlan(start=with_params(initial, {PROMPT: server.global_state[GLOBAL_PROMPT]}))
 
+    def report(self, server: ServerState) -> dict[str, Any]:
+        """Method-agnostic numbers merged into each evaluated round's metrics row: the privacy spent so far
+        (``epsilon``, ``noise_multiplier``) when updates are noised, recomputed from ``server.round``."""
+        return privacy.privacy_report(self.cfg, server.round) if self.trains else {}
+
+
+def flatten(params: Params) -> np.ndarray:
+    """The entries of ``params`` (in their order) as one float64 vector ``(d,)``."""
+    return np.concatenate([t.detach().double().reshape(-1).numpy() for t in params.values()])
+
+
+def unflatten(vector: np.ndarray, like: Params) -> Params:
+    """Inverse of :func:`flatten`: ``vector`` ``(d,)`` split and shaped as the entries of ``like`` (their dtypes)."""
+    out, start = {}, 0
+    for name, t in like.items():
+        out[name] = torch.from_numpy(vector[start : start + t.numel()].copy()).reshape(t.shape).to(t.dtype)
+        start += t.numel()
+    return out
+
+
+def received_states(cfg: Config, current: Params, states: dict[int, Params], round_index: int) -> dict[int, Params]:
+    """The states the server receives (client id -> params named as ``current``): with local DP each update
+    ``Δ_i = state_i - current`` clipped to ``privacy.clip`` plus ``N(0, (z clip)²)`` from the stream (seed, round,
+    client); then the Byzantine clients' updates replaced by their attack (:func:`fedlit.robust.attack_updates`).
+    Clients nothing happens to keep their tensors as uploaded."""
+    ids = sorted(states)
+    local = privacy.enabled(cfg) and cfg.privacy.local
+    attacked = set(attacked_clients(cfg.seed, cfg.data.num_clients, cfg.attack.fraction)) & set(ids) \
+        if cfg.attack.kind in robust.UPLOAD_ATTACKS else set()
+    if not ids or not (local or attacked):
+        return dict(states)
+    base = flatten(current)
+    deltas = np.stack([flatten(states[c]) - base for c in ids])
+    if local:
+        clip, z = float(cfg.privacy.clip), privacy.noise_multiplier(cfg)
+        deltas = privacy.clip_rows(deltas, clip)
+        deltas += np.stack([privacy.local_noise(len(base), z * clip, cfg.seed, round_index, c) for c in ids])
+    deltas = robust.attack_updates(deltas, ids, attacked, cfg.attack, cfg.seed, round_index)
+    changed = set(ids) if local else attacked
+    return {c: unflatten(base + deltas[i], current) if c in changed else states[c] for i, c in enumerate(ids)}
+
+
+def combine_prompts(cfg: Config, current: Params, states: dict[int, Params], sizes: dict[int, int],
+                    round_index: int) -> Params:
+    """The server rule of every global prompt: the new values of ``current`` from the clients' ``states`` (client
+    id -> params named as ``current``) of round ``round_index``. On what the server receives
+    (:func:`received_states`): FedAvg weighted by ``sizes`` (in client-id order, bitwise today's rule) unless central
+    DP or a robust rule is on. Central DP: ``current + (Σ_i clip(Δ_i) + N(0, (z clip)²)) / n``, the noise seeded by
+    (seed, round). Robust: ``current + aggregator(pre(Δ))`` over the flattened updates (unweighted, byzfl)."""
+    received = received_states(cfg, current, states, round_index)
+    ids = sorted(received)
+    central = privacy.enabled(cfg) and not cfg.privacy.local
+    if not central and cfg.robust.aggregator == "mean" and cfg.robust.pre == "none":
+        return fedavg([received[c] for c in ids], [sizes[c] for c in ids])
+    base = flatten(current)
+    deltas = np.stack([flatten(received[c]) - base for c in ids])
+    if central:
+        clip, z = float(cfg.privacy.clip), privacy.noise_multiplier(cfg)
+        total = privacy.clip_rows(deltas, clip).sum(axis=0) + privacy.central_noise(len(base), z * clip, cfg.seed,
+                                                                                    round_index)
+        update = total / len(ids)
+    else:
+        update = robust.robust_update(deltas, cfg.robust, cfg.seed, round_index)
+    return unflatten(base + update, current)
+
 
 def averaged_global(server: ServerState, uploads: dict[int, Upload], sizes: dict[int, int],
-                    keys: dict[str, str]) -> Params:
-    """``server.global_state`` with FedAvg of the upload parameters named in ``keys`` (upload parameter -> global
-    name), in client-id order."""
+                    keys: dict[str, str], cfg: Config | None = None) -> Params:
+    """``server.global_state`` with the upload parameters named in ``keys`` (upload parameter -> global name)
+    combined by :func:`combine_prompts` for round ``server.round + 1`` (``cfg`` None: plain FedAvg, in client-id
+    order). Names the global state does not hold yet (pFedMoAP's gates in the ``aggregate_gate`` ablation's first
+    round) have no update to clip or attack: they are FedAvg'd."""
     ids = sorted(uploads)
-    states = [{g: uploads[c].state.params[u] for u, g in keys.items()} for c in ids]
+    states = {c: {g: uploads[c].state.params[u] for u, g in keys.items()} for c in ids}
     new = dict(server.global_state)
-    new.update(fedavg(states, [sizes[c] for c in ids]))
+    if cfg is None:
+        new.update(fedavg([states[c] for c in ids], [sizes[c] for c in ids]))
+        return new
+    current = {g: server.global_state[g] for g in keys.values() if g in server.global_state}
+    fresh = [g for g in keys.values() if g not in current]
+    if fresh:
+        new.update(fedavg([{g: states[c][g] for g in fresh} for c in ids], [sizes[c] for c in ids]))
+    new.update(combine_prompts(cfg, current, {c: {g: states[c][g] for g in current} for c in ids}, sizes,
+                               server.round + 1))
     return new
+
+
+def received_global(server: ServerState, uploads: dict[int, Upload], keys: dict[str, str],
+                    cfg: Config) -> dict[int, Params]:
+    """What the server receives of the upload parameters named in ``keys`` that the global state holds (client id
+    -> params under their global names), as :func:`averaged_global` combines them (:func:`received_states`)."""
+    current = {g: server.global_state[g] for g in keys.values() if g in server.global_state}
+    states = {c: {g: uploads[c].state.params[u] for u, g in keys.items() if g in current} for c in uploads}
+    return received_states(cfg, current, states, server.round + 1)

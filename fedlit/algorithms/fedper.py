@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedlit.algorithms.base import GLOBAL_PROMPT, Algorithm, fedavg, with_params
+from fedlit.algorithms.base import GLOBAL_PROMPT, Algorithm, combine_prompts, with_params
 from fedlit.backbone import Backbone
 from fedlit.errors import UserError
 from fedlit.modules import ClientModule, CoOpClient
@@ -64,8 +64,9 @@ class FedPer(Algorithm):
         old = server.global_state[GLOBAL_PROMPT]
         g = self.num_global(old.shape[TOKEN_AXIS])
         ids = sorted(uploads)
-        heads = [{"ctx": uploads[c].state.params[PROMPT].narrow(TOKEN_AXIS, 0, g)} for c in ids]
-        averaged = fedavg(heads, [sizes[c] for c in ids])["ctx"]
+        heads = {c: {"ctx": uploads[c].state.params[PROMPT].narrow(TOKEN_AXIS, 0, g)} for c in ids}
+        current = {"ctx": old.narrow(TOKEN_AXIS, 0, g)}
+        averaged = combine_prompts(self.cfg, current, heads, sizes, server.round + 1)["ctx"]
         new.global_state = {**server.global_state, GLOBAL_PROMPT: merge_tokens(averaged, old, g)}
         return new
 

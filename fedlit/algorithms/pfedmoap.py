@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedlit.algorithms.base import GLOBAL_PROMPT, averaged_global, client_rng
+from fedlit.algorithms.base import GLOBAL_PROMPT, averaged_global, client_rng, received_global
 from fedlit.algorithms.promptfl import PromptFL
 from fedlit.backbone import Backbone
 from fedlit.modules import ClientModule, PFedMoAPClient
@@ -72,16 +72,19 @@ class PFedMoAP(PromptFL):
         return plan
 
     def aggregate(self, server: ServerState, uploads: dict[int, Upload], sizes: dict[int, int]) -> ServerState:
-        """FedAvg of the prompts (and of the gates in the ``aggregate_gate`` ablation); the round's uploads replace
-        their clients' pool entries (a new pool: the old one is not modified)."""
+        """FedAvg of the prompts (and of the gates in the ``aggregate_gate`` ablation); the round's uploads, as the
+        server receives them (attacked or locally noised: :func:`received_global`), replace their clients' pool
+        entries (a new pool: the old one is not modified)."""
         new = super().aggregate(server, uploads, sizes)
+        keys = {PROMPT: GLOBAL_PROMPT}
         if self.cfg.method.aggregate_gate:
             first = uploads[min(uploads)].state.params
             keys = {PROMPT: GLOBAL_PROMPT, **{k: k for k in first if k.startswith(GATE)}}
-            new.global_state = averaged_global(server, uploads, sizes, keys)
+            new.global_state = averaged_global(server, uploads, sizes, keys, self.cfg)
+        received = received_global(server, uploads, keys, self.cfg)
         pool = dict(server.extras.get("pool", {}))
         for cid in sorted(uploads):
-            pool[cid] = {"ctx": uploads[cid].state.params[PROMPT].clone(), "round": new.round}
+            pool[cid] = {"ctx": received[cid][GLOBAL_PROMPT].clone(), "round": new.round}
         new.extras = {**new.extras, "pool": pool}
         return new
 

@@ -16,7 +16,7 @@ class PromptFL(Algorithm):
 
     def aggregate(self, server: ServerState, uploads: dict[int, Upload], sizes: dict[int, int]) -> ServerState:
         new = super().aggregate(server, uploads, sizes)
-        new.global_state = averaged_global(server, uploads, sizes, {PROMPT: GLOBAL_PROMPT})
+        new.global_state = averaged_global(server, uploads, sizes, {PROMPT: GLOBAL_PROMPT}, self.cfg)
         return new
 
     def eval_plan(self, server: ServerState, client_id: int, entry: StoreEntry | None,

@@ -70,11 +70,11 @@ def accuracy_counts(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor, lab
 
 def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, store: dict[int, StoreEntry],
              initial: ClientState, fabric=None, split: tuple[list[int], list[int]] | None = None,
-             round_index: int = 0, diagnostics: bool = False) -> Evaluation:
+             round_index: int = 0, diagnostics: bool = False, excluded: frozenset[int] = frozenset()) -> Evaluation:
     """Every client's personalised model on its own test split and the global model on the whole test set;
     clients are sharded over ranks and the counts summed with one all-reduce. ``split`` = (base, novel) classes
     for the base-to-novel protocol: own split over the base classes, plus every novel test sample over the
-    novel classes."""
+    novel classes. Clients in ``excluded`` (Byzantine ones) are not evaluated: their accuracy is None."""
     data = trainer.data
     part = data.partition
     num_clients = part.num_clients
@@ -83,7 +83,7 @@ def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, s
     novel_index = (torch.nonzero(torch.isin(data.test_labels, torch.as_tensor(novel)), as_tuple=True)[0]
                    if novel is not None else None)
     sizes = {c: len(part.test_indices[c]) for c in range(num_clients)}
-    mine = assign_to_ranks(list(range(num_clients)), sizes, world)[rank]
+    mine = assign_to_ranks([c for c in range(num_clients) if c not in excluded], sizes, world)[rank]
     counts = torch.zeros(num_clients, 4, dtype=torch.float64)  # own correct, own total, novel correct, total
     plans = {cid: algorithm.eval_plan(server, cid, store.get(cid), initial) for cid in mine}
     epochs = algorithm.finetune_epochs()

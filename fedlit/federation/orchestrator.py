@@ -25,13 +25,13 @@ from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, re
 from fedlit.federation.client_data import ClientData
 from fedlit.federation.collectives import gather_uploads
 from fedlit.federation.evaluation import evaluate
-from fedlit.federation.sampling import assign_to_ranks, sample_clients
+from fedlit.federation.sampling import assign_to_ranks, attacked_clients, sample_clients, surviving_clients
 from fedlit.federation.signals import STOP, Preempted
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
 from fedlit.metrics import base_novel_metrics, domain_metrics, round_metrics
 from fedlit.modules import ClientModule
 from fedlit.reporting import build_results, memory_per_client, write_results
-from fedlit.state import ClientState, StoreEntry, Upload
+from fedlit.state import ClientState, ServerState, StoreEntry, Upload
 
 
 def upload_is_finite(upload: Upload) -> bool:
@@ -74,6 +74,13 @@ class Orchestrator:
         self.split = (base, list(range(len(base), num_classes))) if cfg.eval.protocol == "base2novel" else None
         if self.split is not None:
             self.trainer.trained_classes = base
+        # Byzantine clients (chosen once from the seed): left out of every metric; label_flip ones train on y -> C-1-y
+        self.attacked = attacked_clients(cfg.seed, self.num_clients, cfg.attack.fraction) \
+            if cfg.attack.kind != "none" and algorithm.trains else []
+        if cfg.attack.kind == "label_flip":
+            self.trainer.flipped_clients = frozenset(self.attacked)
+        if cfg.attack.kind != "none":
+            self.meta["attacked_clients"] = list(self.attacked)
         self.identity = Identity(algorithm.name, self.meta.get("config_digest", ""), data.partition.digest())
         self.stop = STOP
 
@@ -142,7 +149,12 @@ class Orchestrator:
         cfg, algorithm, server = self.cfg, self.algorithm, state.server
         t0 = time.perf_counter()
         r = server.round + 1
-        sampled = sample_clients(cfg.seed, r, self.num_clients, cfg.fed.frac)
+        sampled = surviving_clients(cfg.seed, r, sample_clients(cfg.seed, r, self.num_clients, cfg.fed.frac),
+                                    cfg.fed.dropout)
+        if not sampled:  # every sampled client dropped out: nothing to aggregate, only the round counter moves
+            state.server = ServerState(dict(server.global_state), dict(server.extras), round=r)
+            self._finish_round(state, r, None, 0, time.perf_counter() - t0)
+            return
         plans = {cid: algorithm.plan(server, cid, state.store.get(cid), self.initial) for cid in sampled}
         sizes = {c: self.data.train_size(c) for c in sampled}
         assignment = assign_to_ranks(sampled, sizes, self.world)
@@ -154,12 +166,16 @@ class Orchestrator:
             state.store[cid] = StoreEntry(uploads[cid].state, algorithm.keep(plans[cid]), last_round=r)
         state.server = algorithm.aggregate(server, {c: uploads[c] for c in kept}, {c: sizes[c] for c in kept})
         loss = float(np.mean([uploads[c].loss for c in kept]))
-        seconds = time.perf_counter() - t0
+        self._finish_round(state, r, loss, len(kept), time.perf_counter() - t0)
+
+    def _finish_round(self, state: RunState, r: int, loss: float | None, clients: int, seconds: float) -> None:
+        """Evaluate round ``r`` on schedule, else log it."""
         if self._evaluated(r):
-            self._evaluate_round(state, r, loss=loss, clients=len(kept), seconds=seconds)
+            self._evaluate_round(state, r, loss=loss, clients=clients, seconds=seconds)
         else:
-            self.log(f"[{algorithm.name}] round {r:>3}/{cfg.fed.rounds} | clients {len(kept)} | "
-                     f"loss {loss:.4f} | {seconds:.1f} s")
+            lossed = f"loss {loss:.4f}" if loss is not None else "no uploads"
+            self.log(f"[{self.algorithm.name}] round {r:>3}/{self.cfg.fed.rounds} | clients {clients} | "
+                     f"{lossed} | {seconds:.1f} s")
 
     def _finite(self, uploads: dict[int, Upload], sampled: list[int], r: int) -> list[int]:
         """The sampled clients whose loss and state are finite. A non-finite one stops the run (:class:`Diverged`,
@@ -199,12 +215,15 @@ class Orchestrator:
     def _evaluate_round(self, state: RunState, r: int, loss: float | None, clients: int, seconds: float) -> None:
         t0 = time.perf_counter()
         result = evaluate(self.trainer, self.algorithm, state.server, state.store, self.initial, self.fabric,
-                          self.split, round_index=r, diagnostics=self.cfg.eval.diagnostics)
+                          self.split, round_index=r, diagnostics=self.cfg.eval.diagnostics,
+                          excluded=frozenset(self.attacked))
         accuracies, global_acc = result.accuracy, result.global_accuracy
         part = self.data.partition
+        honest = [c for c in range(self.num_clients) if c not in self.attacked]
         row = {"round": r, "clients": clients, "loss": loss, "acc_global": global_acc,
                "seconds": round(seconds + time.perf_counter() - t0, 4),
-               **round_metrics(accuracies, [len(t) for t in part.test_indices])}
+               **round_metrics([accuracies[c] for c in honest], [len(part.test_indices[c]) for c in honest]),
+               **self.algorithm.report(state.server)}
         if result.novel is not None:
             row.update(base_novel_metrics(accuracies, result.novel, global_acc, result.global_novel))
         domain_names = self.data.bundle.domain_names if self.data.bundle is not None else None
@@ -216,6 +235,7 @@ class Orchestrator:
                                  **({"diagnostics": result.diagnostics} if result.diagnostics is not None else {})})
         glob = f" | global {100 * global_acc:.2f}%" if global_acc is not None else ""
         lossed = f" | loss {loss:.4f}" if loss is not None else ""
+        glob += f" | epsilon {row['epsilon']:.3g}" if "epsilon" in row else ""
         self.log(f"[{self.algorithm.name}] round {r:>3}/{self.total_rounds} | clients {clients}{lossed} | "
                  f"acc {100 * row['acc_mean']:.2f}% (worst10 {100 * row['acc_worst10']:.2f}%){glob} | "
                  f"{row['seconds']:.1f} s")

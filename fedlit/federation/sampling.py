@@ -10,13 +10,38 @@ import torch
 SAMPLING_STREAM = 7_919  # stream tags keep the server's and the clients' draws apart
 CLIENT_STREAM = 104_729
 FINETUNE_STREAM = 15_485_863  # a client's draws when it fine-tunes before its evaluation
+DROPOUT_STREAM = 32_452_843  # whether a sampled client fails to upload
+ATTACK_STREAM = 49_979_687  # which clients are Byzantine (once per run)
+
+
+def sample_size(num_clients: int, frac: float) -> int:
+    """``m = max(1, floor(frac * N))``: the clients sampled per round."""
+    return max(1, math.floor(frac * num_clients + 1e-9))
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, frac: float) -> list[int]:
     """``m = max(1, floor(frac * N))`` client ids drawn without replacement from the server stream of this round."""
-    m = max(1, math.floor(frac * num_clients + 1e-9))
+    m = sample_size(num_clients, frac)
     rng = np.random.default_rng([seed, round_index, SAMPLING_STREAM])
     return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
+
+
+def surviving_clients(seed: int, round_index: int, sampled: list[int], dropout: float) -> list[int]:
+    """The sampled clients that upload: each drops out with probability ``dropout``, drawn from its own stream
+    seeded by (seed, round, client), so a client's fate does not depend on which others were sampled."""
+    if dropout <= 0:
+        return list(sampled)
+    return [c for c in sampled if np.random.default_rng([seed, round_index, c, DROPOUT_STREAM]).random() >= dropout]
+
+
+def attacked_clients(seed: int, num_clients: int, fraction: float) -> list[int]:
+    """The Byzantine clients of a run: ``round(fraction * N)`` ids drawn once without replacement from a stream
+    seeded by the run seed only (sorted)."""
+    count = min(num_clients, int(round(fraction * num_clients)))
+    if count == 0:
+        return []
+    rng = np.random.default_rng([seed, ATTACK_STREAM])
+    return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
 
 
 def client_generator(seed: int, round_index: int, client_id: int, stream: int = CLIENT_STREAM) -> torch.Generator:

@@ -148,6 +148,7 @@ class LocalTrainer:
         self.device = torch.device(device)
         self.fabric = fabric
         self.trained_classes: list[int] | None = None  # None: all; else the softmax of training covers these only
+        self.flipped_clients: frozenset[int] = frozenset()  # label-flipping attackers: train on flipped labels
 
     def autocast(self):
         """The run's autocast context (none without Fabric)."""
@@ -203,14 +204,25 @@ class LocalTrainer:
         epochs = self.local_epochs if epochs is None else epochs
         client = _Client(cid, plan, params, momentum, extras, read_schedule(module, epochs))
         generator = client_generator(self.seed, round_index, cid, stream)
+        flip = self._label_flip(module.num_classes) if cid in self.flipped_clients else None
         for epoch in range(epochs):
             for x, y in self.data.train_batches(cid, generator, self.device):
+                if flip is not None:
+                    y = flip.to(y.device)[y]
                 if x.dim() != 2:
                     with torch.no_grad(), self.autocast():
                         x = module.image_features(x)
                 client.batches.append((x, y))
                 client.epochs.append(epoch)
         return client
+
+    def _label_flip(self, num_classes: int) -> Tensor:
+        """The label map ``(C,)`` of a label-flipping client: ``y -> C - 1 - y``, within the trained classes
+        (base-to-novel: the i-th base class becomes the i-th from the end of the base classes)."""
+        classes = torch.as_tensor(self.trained_classes if self.trained_classes is not None else range(num_classes))
+        table = torch.arange(num_classes)
+        table[classes] = classes.flip(0)
+        return table
 
     def _train_group(self, group: list[_Client]) -> dict[int, Upload]:
         """Train one group of clients sharing their extras' shapes, step by step, until the longest has finished."""
