@@ -110,6 +110,9 @@ def test_boundary_values_are_accepted(tmp_path):
     ("trainer.accelerator", "auto", "tpu"),
     ("trainer.precision", "bf16-mixed", "transformer-engine"),
     ("trainer.strategy", "ddp", "ddp_spawn"),
+    ("robust.aggregator", "geometric_median", "average"),
+    ("robust.pre", "bucketing", "nnm2"),
+    ("attack.kind", "alie", "flip"),
 ])
 def test_choices(tmp_path, key, good, bad):
     assert fast(tmp_path, f"{key}={good}") is not None
