@@ -82,9 +82,13 @@ def expert_attention(result: dict) -> np.ndarray | None:
 
 def draw_accuracy(ax: Any, groups: list[tuple[str, list[dict]]]) -> None:
     """Mean per-client accuracy per round of each group with a band over seeds."""
-    for label, runs in groups:
-        rounds, mean, std = round_curve(runs)
-        line = ax.plot(rounds, mean, marker="o", markersize=3, label=f"{label} (n={len(runs)})")[0]
+    curves = [(label, len(runs), *round_curve(runs)) for label, runs in groups]
+    last = max((int(rounds.max()) for _, _, rounds, _, _ in curves if len(rounds)), default=1)
+    for label, n, rounds, mean, std in curves:
+        if len(rounds) == 1:  # evaluated once (zero-shot): a dashed level across every round
+            rounds, mean, std = np.asarray([rounds[0], max(last, rounds[0] + 1)]), mean.repeat(2), std.repeat(2)
+        line = ax.plot(rounds, mean, marker="o" if len(rounds) > 2 else None, markersize=3,
+                       linestyle="-" if len(rounds) > 2 else "--", label=f"{label} (n={n})")[0]
         ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set(xlabel="round", ylabel="mean per-client accuracy (%)", title="accuracy per round (band: ± std)")
     ax.legend(fontsize=7)
@@ -100,9 +104,17 @@ def draw_clients(ax: Any, groups: list[tuple[str, list[dict]]]) -> None:
 
 
 def draw_attention(ax: Any, table: np.ndarray, title: str) -> Any:
-    """A clients x expert-slots heatmap (slot 0 is the local expert); returns the image for a colour bar."""
-    image = ax.imshow(table, aspect="auto", cmap="viridis", vmin=0.0, vmax=float(np.nanmax(table)))
-    ax.set(xlabel="expert slot (0 = local)", ylabel="client", title=title)
+    """A clients x expert-slots heatmap (slot 0 is the local expert), colours spanning the weights' range and each
+    weight written in its cell when there are at most 120; returns the image for a colour bar."""
+    image = ax.imshow(table, aspect="auto", cmap="viridis", vmin=float(np.nanmin(table)),
+                      vmax=float(np.nanmax(table)))
+    ax.set(xlabel="expert slot (0 = local)", ylabel="client", title=f"{title}\n(uniform = {1 / table.shape[1]:.3g})")
+    if table.size <= 120:
+        middle = (np.nanmin(table) + np.nanmax(table)) / 2
+        for (i, j), weight in np.ndenumerate(table):
+            if not np.isnan(weight):
+                ax.text(j, i, f"{weight:.3f}", ha="center", va="center", fontsize=6,
+                        color="black" if weight > middle else "white")
     ax.set_xticks(range(table.shape[1]))
     ax.set_yticks(range(table.shape[0]))
     ax.tick_params(labelsize=7)

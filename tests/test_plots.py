@@ -1,0 +1,84 @@
+"""``fedlit plot``: PNG and PDF figures of real runs (accuracy per round, client spread, expert attention,
+base/novel/HM), different pictures for different runs, and one line naming the extra when matplotlib is missing."""
+
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedlit.command import main
+from fedlit.federation.experiment import build_job
+from fedlit.plots import expert_attention, plot_results
+from tests.helpers import fast_config, read_results
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """pFedMoAP with diagnostics (seeds 0 and 1), PromptFL (seed 0), and a base-to-novel PromptFL run."""
+    root = tmp_path_factory.mktemp("plots")
+    cells = {"moap0": ["algorithm=pfedmoap", "eval.diagnostics=true"],
+             "moap1": ["algorithm=pfedmoap", "eval.diagnostics=true", "seed=1"],
+             "promptfl": ["algorithm=promptfl"],
+             "b2n": ["algorithm=promptfl", "eval.protocol=base2novel", "data.num_clients=2"]}
+    for name, overrides in cells.items():
+        build_job(fast_config(root, "fed.rounds=2", *overrides)).orchestrator(root / name).run()
+    return root
+
+
+def pixels(path) -> np.ndarray:
+    """The RGB pixels of a PNG."""
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_figures_of_two_runs_are_written_and_differ(runs, tmp_path, capsys):
+    assert main(["plot", str(runs / "moap0"), str(runs / "moap1"), str(runs / "promptfl"), "--out",
+                 str(tmp_path / "a")]) == 0
+    listed = capsys.readouterr().out.split()
+    names = {"accuracy", "clients", "expert_attention", "overview"}
+    assert sorted(listed) == sorted(str(tmp_path / "a" / f"{n}.{ext}") for n in names for ext in ("png", "pdf"))
+    assert main(["plot", str(runs / "promptfl"), "--out", str(tmp_path / "b")]) == 0
+    assert not (tmp_path / "b" / "expert_attention.png").exists()  # no pFedMoAP run, no heatmap
+    for name in ("accuracy", "clients"):
+        a, b = pixels(tmp_path / "a" / f"{name}.png"), pixels(tmp_path / "b" / f"{name}.png")
+        assert a.shape == b.shape and a.std() > 0 and not np.array_equal(a, b)
+    for path in (tmp_path / "a").iterdir():
+        assert path.stat().st_size > 1000
+    assert (tmp_path / "a" / "accuracy.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_expert_attention_heatmap_is_the_last_rounds_diagnostics(runs, tmp_path):
+    result = read_results(runs / "moap0")
+    table = expert_attention(result)
+    recorded = result["rounds"][-1]["diagnostics"]["expert_attention"]
+    assert table.shape == (4, 3)  # 4 clients x (local + K = 2 experts)
+    np.testing.assert_allclose(table, np.asarray(recorded))
+    np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-5)
+    assert expert_attention(read_results(runs / "promptfl")) is None
+    one = plot_results([{**result, "_path": "x"}], tmp_path / "one")
+    other = plot_results([{**read_results(runs / "moap1"), "_path": "y"}], tmp_path / "other")
+    assert tmp_path / "one" / "expert_attention.png" in one and tmp_path / "other" / "expert_attention.png" in other
+    first, second = (pixels(tmp_path / d / "expert_attention.png") for d in ("one", "other"))
+    assert not np.array_equal(first, second)
+
+
+def test_base_novel_bars_when_reported(runs, tmp_path):
+    written = plot_results([{**read_results(runs / "b2n"), "_path": "b2n"}], tmp_path)
+    assert tmp_path / "base_novel.png" in written and pixels(tmp_path / "base_novel.png").std() > 0
+
+
+def test_missing_matplotlib_names_the_extra(runs, tmp_path, monkeypatch, capsys):
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert main(["plot", str(runs / "promptfl"), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: fedlit plot needs matplotlib: pip install 'fedlit[plots]'")
