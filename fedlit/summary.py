@@ -34,16 +34,18 @@ def clients_per_round(cfg: Config) -> int:
 
 def experts_per_round(cfg: Config) -> list[int]:
     """For each round, the most expert prompts any sampled pFedMoAP client downloads: a client gets
-    ``min(num_experts - 1, pool size - 1)`` once it has uploaded itself, 0 before (the same sampling as the run)."""
-    from fedlit.federation.sampling import sample_clients
+    ``min(num_experts - 1, pool size - 1)`` once it has uploaded itself, 0 before (the same sampling and client
+    dropout as the run)."""
+    from fedlit.federation.sampling import sample_clients, surviving_clients
 
     wanted = cfg.method.num_experts - 1
     pool: set[int] = set()
     counts = []
     for r in range(1, cfg.fed.rounds + 1):
         sampled = sample_clients(cfg.seed, r, cfg.data.num_clients, cfg.fed.frac)
-        counts.append(max(min(wanted, len(pool - {c})) if c in pool else 0 for c in sampled))
-        pool.update(sampled)
+        trained = surviving_clients(cfg.seed, r, sampled, cfg.fed.dropout)
+        counts.append(max((min(wanted, len(pool - {c})) if c in pool else 0 for c in trained), default=0))
+        pool.update(trained)
     return counts
 
 

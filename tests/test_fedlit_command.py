@@ -53,6 +53,8 @@ def test_expert_count_follows_the_sampled_clients(tmp_path):
     counts = experts_per_round(cfg)
     assert counts[0] == 0 and len(counts) == 4 and max(counts) <= 2
     assert estimated_client_steps(cfg) == 4 * 2 * 1 * 2
+    nobody = load_config(None, fast(tmp_path, "fed.dropout=0.99", "fed.rounds=4"))
+    assert experts_per_round(nobody) == [0, 0, 0, 0]  # seeded dropout: (almost) no client ever uploads
 
 
 @pytest.mark.parametrize("overrides,expected", [
