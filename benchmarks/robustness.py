@@ -10,7 +10,7 @@ partition are built once; each row is one run.
 Defaults: ``configs/default.yaml`` (8 clients, 5 rounds of 5 local epochs) but 10 clients, so that 20% is 2
 clients. ``--rounds`` shortens the runs (the DP rows then calibrate the noise for those rounds).
 
-    python benchmarks/robustness.py                  # about 25 minutes on 2 CPU cores
+    python benchmarks/robustness.py                  # about 6 minutes on 2 CPU cores (26 runs)
     python benchmarks/robustness.py --rounds 2 --methods promptfl
 """
 
