@@ -40,7 +40,7 @@ def test_metadata_scripts_extras_license_and_typed_marker():
     assert {"plots", "tensorboard", "dev"} <= set(extras)
     assert set(extras["plots"]) <= set(extras["dev"])  # `make test` installs what tests/test_plots.py needs
     assert project["license"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
-    assert (ROOT / "fedlit" / "py.typed").is_file() and project["urls"]
+    assert (ROOT / "fedlit" / "py.typed").is_file()  # no project URLs: the project has no public address yet
 
 
 def run(*args: str | Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
