@@ -228,6 +228,14 @@ class RunConfig:
 
 
 @dataclass
+class StoreConfig:
+    backend: str = "memory"  # memory | disk (versioned shard files, incremental checkpoints) | auto
+    memory_budget_mb: float = 1024.0  # auto: disk when every client's initial state would exceed this many MiB
+    directory: str | None = None  # disk: where shard files live (None: <run dir>/store)
+    shard_size: int = 256  # disk: clients per shard file (shard = client id // shard_size)
+
+
+@dataclass
 class Config:
     algorithm: str = "pfedmoap"  # one of ALGORITHMS, or "all" to run every method in turn
     seed: int = 0
@@ -245,6 +253,7 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -711,6 +720,14 @@ def _check_perf(p: PerfConfig) -> None:
     _integer("perf.augmented_views", p.augmented_views, 0)
 
 
+def _check_store(s: StoreConfig) -> None:
+    _choice("store.backend", s.backend, ("memory", "disk", "auto"))
+    _number("store.memory_budget_mb", s.memory_budget_mb, 0)
+    _integer("store.shard_size", s.shard_size, 1)
+    if s.directory is not None:
+        _check_creatable_dir("store.directory", s.directory)
+
+
 def _check_trainer(t: TrainerConfig) -> None:
     _choice("trainer.accelerator", t.accelerator, ACCELERATORS)
     _integer("trainer.devices", t.devices, 1)
@@ -750,6 +767,7 @@ def validate(cfg: Config) -> None:
     _check_optim(cfg.optim)
     _check_method(cfg.method, cfg)
     _check_perf(cfg.perf)
+    _check_store(cfg.store)
     _check_robust(cfg.robust)
     _check_privacy(cfg.privacy, cfg)
     _check_attack(cfg.attack)

@@ -3,6 +3,11 @@
 A checkpoint file is one header line ``fedlit-checkpoint <format> <sha256 of the body>`` followed by the body, a
 ``torch.save`` of plain containers and tensors that is loaded with ``weights_only=True``. A file whose bytes
 changed (a flipped bit inside a tensor, a truncated copy) fails the hash and is refused in one line.
+
+With the memory store the body holds every client's entry. With the disk store (:class:`DiskStore`) it holds the
+store's manifest instead (``shards``: shard -> current file; ``shard_index``: shard -> client ids): the shard files
+are written first, by :meth:`DiskStore.commit`, and this small main file last, so that it only ever lists complete
+files; a round's checkpoint then writes only the shards of the round's clients.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fedlit.errors import UserError
+from fedlit.federation.store import ClientStore, DiskStore, MemoryStore
 from fedlit.io import atomic_write
 from fedlit.state import ServerState, StoreEntry
 
@@ -28,7 +34,7 @@ class RunState:
     """Everything a run carries from round to round: the server, the client store and the evaluated history."""
 
     server: ServerState
-    store: dict[int, StoreEntry] = field(default_factory=dict)
+    store: ClientStore = field(default_factory=MemoryStore)
     history: list[dict] = field(default_factory=list)  # one metrics row per evaluated round
     per_client: list[dict] = field(default_factory=list)  # {"round": r, "accuracy": [per-client accuracy]}
 
@@ -43,13 +49,14 @@ class Identity:
 
 
 def save_checkpoint(path: Path, state: RunState, identity: Identity) -> None:
-    """Write ``state`` to ``path`` atomically, with its identity and a SHA-256 of the body."""
+    """Write ``state`` to ``path`` atomically, with its identity and a SHA-256 of the body (a disk store must have
+    been committed: its manifest is written, not its entries)."""
     payload = {
         "algorithm": identity.algorithm,
         "config_digest": identity.config_digest,
         "partition_digest": identity.partition_digest,
         "server": state.server.to_dict(),
-        "store": {cid: entry.to_dict() for cid, entry in state.store.items()},
+        **store_payload(state.store),
         "history": state.history,
         "per_client": state.per_client,
     }
@@ -58,6 +65,15 @@ def save_checkpoint(path: Path, state: RunState, identity: Identity) -> None:
     body = buffer.getvalue()
     header = b"%s %d %s\n" % (MAGIC, FORMAT_VERSION, hashlib.sha256(body).hexdigest().encode())
     atomic_write(path, header + body)
+
+
+def store_payload(store: ClientStore) -> dict:
+    """What the main checkpoint file holds of ``store``: every entry (memory) or the manifest (disk)."""
+    if isinstance(store, DiskStore):
+        if store.pending:
+            raise RuntimeError("commit the disk store before writing the checkpoint")
+        return {"shards": dict(store.manifest), "shard_index": {s: list(c) for s, c in store.index.items()}}
+    return {"store": {cid: store.get(cid).to_dict() for cid in store.ids()}}
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -83,14 +99,16 @@ def load_checkpoint(path: Path) -> dict:
         payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
         raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
-    if not isinstance(payload, dict) or not {"server", "store", "history", "per_client"} <= payload.keys():
+    if not isinstance(payload, dict) or not {"server", "history", "per_client"} <= payload.keys() \
+            or not ("store" in payload or "shards" in payload):
         raise UserError(f"checkpoint {path} lacks the fields of a fedlit run; start a new run")
     return payload
 
 
-def restore(path: Path, identity: Identity) -> RunState:
+def restore(path: Path, identity: Identity, store_directory: Path | None = None, shard_size: int = 1) -> RunState:
     """The run state of ``path`` after checking that it was written by the same algorithm, configuration and
-    partition (each mismatch is one :class:`UserError` line)."""
+    partition (each mismatch is one :class:`UserError` line). A disk store's shard files are read from
+    ``store_directory`` when needed (nothing is read or removed here)."""
     payload = load_checkpoint(path)
     for key, label in (("algorithm", "algorithm"), ("config_digest", "configuration"),
                        ("partition_digest", "data partition")):
@@ -98,8 +116,15 @@ def restore(path: Path, identity: Identity) -> RunState:
             raise UserError(f"checkpoint {path} was written with a different {label}; start a new run "
                             "(run.resume=null) or use the original configuration")
     try:
-        return RunState(server=ServerState.from_dict(payload["server"]),
-                        store={int(c): StoreEntry.from_dict(e) for c, e in payload["store"].items()},
+        if "shards" in payload:
+            if store_directory is None:
+                raise UserError(f"checkpoint {path} keeps its clients on disk; resume it with store.backend=disk")
+            store: ClientStore = DiskStore(store_directory, shard_size,
+                                           {int(s): str(n) for s, n in payload["shards"].items()},
+                                           {int(s): [int(c) for c in m] for s, m in payload["shard_index"].items()})
+        else:
+            store = MemoryStore({int(c): StoreEntry.from_dict(e) for c, e in payload["store"].items()})
+        return RunState(server=ServerState.from_dict(payload["server"]), store=store,
                         history=list(payload["history"]), per_client=list(payload["per_client"]))
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"checkpoint {path} is incomplete ({type(err).__name__}: {err}); start a new run") from None

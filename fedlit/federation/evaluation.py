@@ -11,8 +11,9 @@ from torch import Tensor
 
 from fedlit.algorithms import Algorithm
 from fedlit.federation.sampling import FINETUNE_STREAM, assign_to_ranks
+from fedlit.federation.store import ClientStore
 from fedlit.federation.trainer import LocalTrainer
-from fedlit.state import ClientPlan, ClientState, ServerState, StoreEntry
+from fedlit.state import ClientPlan, ClientState, ServerState
 
 EVAL_CHUNK = 1024
 
@@ -68,7 +69,7 @@ def accuracy_counts(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor, lab
     return correct, len(inputs)
 
 
-def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, store: dict[int, StoreEntry],
+def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, store: ClientStore,
              initial: ClientState, fabric=None, split: tuple[list[int], list[int]] | None = None,
              round_index: int = 0, diagnostics: bool = False, excluded: frozenset[int] = frozenset()) -> Evaluation:
     """Every client's personalised model on its own test split and the global model on the whole test set;
@@ -85,7 +86,8 @@ def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, s
     sizes = {c: len(part.test_indices[c]) for c in range(num_clients)}
     mine = assign_to_ranks([c for c in range(num_clients) if c not in excluded], sizes, world)[rank]
     counts = torch.zeros(num_clients, 4, dtype=torch.float64)  # own correct, own total, novel correct, total
-    plans = {cid: algorithm.eval_plan(server, cid, store.get(cid), initial) for cid in mine}
+    entries = store.get_many(mine)  # a disk store reads each shard once
+    plans = {cid: algorithm.eval_plan(server, cid, entries[cid], initial) for cid in mine}
     epochs = algorithm.finetune_epochs()
     if epochs > 0:  # seeded by (seed, round, client): the same tuned model on any rank, in any order
         tuned = trainer.train(plans, round_index, epochs=epochs, stream=FINETUNE_STREAM)

@@ -27,10 +27,11 @@ from fedlit.federation.collectives import gather_uploads
 from fedlit.federation.evaluation import evaluate
 from fedlit.federation.sampling import assign_to_ranks, attacked_clients, sample_clients, surviving_clients
 from fedlit.federation.signals import STOP, Preempted
+from fedlit.federation.store import ClientStore, DiskStore, MemoryStore, choose_backend, estimated_bytes
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
 from fedlit.metrics import base_novel_metrics, domain_metrics, round_metrics
 from fedlit.modules import ClientModule
-from fedlit.reporting import build_results, memory_per_client, write_results
+from fedlit.reporting import build_results, memory_per_client, tensor_bytes, write_results
 from fedlit.state import ClientState, ServerState, StoreEntry, Upload
 
 
@@ -46,6 +47,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def largest_entries(store: ClientStore) -> list[StoreEntry]:
+    """The entry with the largest state and the one with the largest extras (what
+    :func:`~fedlit.reporting.memory_per_client` reads), found in one pass over the store."""
+    by_state = by_extras = None
+    for entry in store.iter_entries():
+        if by_state is None or tensor_bytes(entry.state.flat()) > tensor_bytes(by_state.state.flat()):
+            by_state = entry
+        if by_extras is None or tensor_bytes(entry.extras) > tensor_bytes(by_extras.extras):
+            by_extras = entry
+    return [e for e in (by_state, by_extras) if e is not None]
 
 
 class Orchestrator:
@@ -83,6 +96,10 @@ class Orchestrator:
             self.meta["attacked_clients"] = list(self.attacked)
         self.identity = Identity(algorithm.name, self.meta.get("config_digest", ""), data.partition.digest())
         self.stop = STOP
+        self.store_backend = choose_backend(cfg.store.backend, estimated_bytes(
+            self.initial.flat(), self.num_clients, cfg.optim.persistent_state), cfg.store.memory_budget_mb)
+        self.store_directory = Path(cfg.store.directory).expanduser() if cfg.store.directory else self.run_dir / "store"
+
 
     @property
     def module(self) -> ClientModule:
@@ -104,7 +121,33 @@ class Orchestrator:
         configuration or partition, before anything is written there."""
         checkpoint = self.run_dir / CHECKPOINT_NAME
         if checkpoint.is_file():
-            restore(checkpoint, self.identity)
+            self._restore(checkpoint)
+
+    def _new_store(self) -> ClientStore:
+        """An empty store of the configured backend."""
+        if self.store_backend == "disk":
+            return DiskStore(self.store_directory, self.cfg.store.shard_size)
+        return MemoryStore()
+
+    def _restore(self, checkpoint: Path) -> RunState:
+        """The run state of ``checkpoint`` (a disk store reads its shards from the store directory)."""
+        disk = self.store_backend == "disk"
+        return restore(checkpoint, self.identity, self.store_directory if disk else None, self.cfg.store.shard_size)
+
+    def _checkpoint(self, state: RunState) -> None:
+        """Write the round's checkpoint (rank 0). A disk store first writes the shards of the round's clients (every
+        rank computes the same manifest), then the main file lists them; once every rank has passed the barrier,
+        rank 0 deletes the shard versions no longer listed."""
+        store = state.store
+        if isinstance(store, DiskStore):
+            store.commit(state.server.round, write=self.rank == 0)
+        if self.rank == 0:
+            save_checkpoint(self.run_dir / CHECKPOINT_NAME, state, self.identity)
+        if isinstance(store, DiskStore):
+            if self.world > 1:
+                self.fabric.barrier()
+            if self.rank == 0:
+                store.remove_unlisted()
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -112,9 +155,12 @@ class Orchestrator:
         checkpoint = self.run_dir / CHECKPOINT_NAME
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        state = RunState(server=self.algorithm.init_server(self.initial))
-        if resume and checkpoint.is_file():
-            state = restore(checkpoint, self.identity)
+        existed = checkpoint.is_file()  # read before any rank writes (decides the same on every rank)
+        state = RunState(server=self.algorithm.init_server(self.initial), store=self._new_store())
+        if resume and existed:
+            state = self._restore(checkpoint)
+            if isinstance(state.store, DiskStore) and self.rank == 0:
+                state.store.remove_unlisted()  # shard versions of a round whose checkpoint never completed
             self._drop_unscheduled_evaluations(state)
             self.log(f"[{self.algorithm.name}] resuming after round {state.server.round} from {checkpoint}")
         if not self.algorithm.trains and not state.history:
@@ -125,17 +171,16 @@ class Orchestrator:
         try:
             while state.server.round < self.total_rounds:
                 self._round(state)
-                if self.rank == 0:
-                    save_checkpoint(checkpoint, state, self.identity)
+                self._checkpoint(state)
                 self._write(state)
                 if state.server.round < self.total_rounds and self._stop_requested():
                     raise Preempted(f"stopped after round {state.server.round}")
         finally:
             if installed_here:
                 self.stop.uninstall()
-        if self.rank == 0 and not checkpoint.is_file():
-            save_checkpoint(checkpoint, state, self.identity)
-        memory = memory_per_client(list(state.store.values()), self.initial.flat(),
+        if not existed and state.server.round == 0:  # nothing trained (zero-shot): one checkpoint all the same
+            self._checkpoint(state)
+        memory = memory_per_client(largest_entries(state.store), self.initial.flat(),
                                    self.data.cached_bytes(),
                                    self.num_clients)
         self.log(f"[{self.algorithm.name}] memory per simulated client: " + ", ".join(
@@ -155,7 +200,8 @@ class Orchestrator:
             state.server = ServerState(dict(server.global_state), dict(server.extras), round=r)
             self._finish_round(state, r, None, 0, time.perf_counter() - t0)
             return
-        plans = {cid: algorithm.plan(server, cid, state.store.get(cid), self.initial) for cid in sampled}
+        entries = state.store.get_many(sampled)
+        plans = {cid: algorithm.plan(server, cid, entries[cid], self.initial) for cid in sampled}
         sizes = {c: self.data.train_size(c) for c in sampled}
         assignment = assign_to_ranks(sampled, sizes, self.world)
         local = self.trainer.train({cid: plans[cid] for cid in assignment[self.rank]}, r)
@@ -163,7 +209,7 @@ class Orchestrator:
                                  max(len(a) for a in assignment))
         kept = self._finite(uploads, sampled, r)
         for cid in kept:
-            state.store[cid] = StoreEntry(uploads[cid].state, algorithm.keep(plans[cid]), last_round=r)
+            state.store.put(cid, StoreEntry(uploads[cid].state, algorithm.keep(plans[cid]), last_round=r))
         state.server = algorithm.aggregate(server, {c: uploads[c] for c in kept}, {c: sizes[c] for c in kept})
         loss = float(np.mean([uploads[c].loss for c in kept]))
         self._finish_round(state, r, loss, len(kept), time.perf_counter() - t0)

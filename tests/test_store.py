@@ -1,0 +1,121 @@
+"""The client store (#15): memory and disk backends give bitwise identical runs; the disk store's incremental,
+versioned checkpoints survive a crash between the shard files and the main file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlit.federation import orchestrator as orchestrator_module
+from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, load_checkpoint, restore
+from fedlit.federation.experiment import run_experiment
+from fedlit.federation.store import DiskStore, MemoryStore, choose_backend, estimated_bytes, shard_file
+from fedlit.state import ClientState, StoreEntry
+from tests.helpers import fast_config, only_run_dir, read_results
+
+PFEDMOAP = ["algorithm=pfedmoap", "optim.persistent_state=true", "fed.frac=0.5", "fed.rounds=4"]
+
+
+def entry(value: float, last_round: int) -> StoreEntry:
+    """A store entry with one 2x3 prompt of ``value`` and list/int extras (as pFedMoAP keeps)."""
+    return StoreEntry(ClientState({"prompt_learner.ctx": torch.full((2, 3), value)}),
+                      {"experts": torch.ones(1, 2, 3) * value, "expert_keys": [[1, last_round]]}, last_round)
+
+
+def test_disk_store_writes_only_the_changed_shards_as_new_versions(tmp_path):
+    store = DiskStore(tmp_path, shard_size=2)
+    for cid in (0, 1, 4):
+        store.put(cid, entry(float(cid), 1))
+    manifest = store.commit(1)
+    assert manifest == {0: shard_file(0, 1), 2: shard_file(2, 1)}
+    store.put(1, entry(10.0, 2))
+    assert store.commit(2) == {0: shard_file(0, 2), 2: shard_file(2, 1)}  # shard 2 untouched: not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([shard_file(0, 1), shard_file(0, 2), shard_file(2, 1)])
+    assert [p.name for p in store.remove_unlisted()] == [shard_file(0, 1)]
+    assert store.ids() == [0, 1, 4] and len(store) == 3
+    assert store.get(1).state.params["prompt_learner.ctx"][0, 0].item() == 10.0
+    assert store.get(0).extras["expert_keys"] == [[1, 1]] and store.get(3) is None
+    got = store.get_many([4, 3, 0])
+    assert got[3] is None and got[4].last_round == 1 and got[0].state.params["prompt_learner.ctx"].sum() == 0
+    assert [e.last_round for e in store.iter_entries()] == [1, 2, 1]
+
+
+def test_remove_unlisted_leaves_foreign_files_alone(tmp_path):
+    store = DiskStore(tmp_path, shard_size=4)
+    store.put(0, entry(1.0, 1))
+    store.commit(1)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / shard_file(0, 7)).write_bytes(b"a version of a checkpoint that never completed")
+    temporary = f".{shard_file(1, 7)}.x1y2.tmp"
+    (tmp_path / temporary).write_bytes(b"half")
+    assert sorted(p.name for p in store.remove_unlisted()) == sorted([shard_file(0, 7), temporary])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", shard_file(0, 1)]
+
+
+def test_auto_backend_follows_the_memory_budget():
+    flat = {"a": torch.zeros(256, 256)}  # 256 KiB per client
+    assert estimated_bytes(flat, 1000, persistent_state=True) == 2 * 256 * 1024 * 1000
+    assert choose_backend("auto", estimated_bytes(flat, 1000, False), 300.0) == "memory"  # 250 MiB
+    assert choose_backend("auto", estimated_bytes(flat, 1000, True), 300.0) == "disk"  # 500 MiB
+    assert choose_backend("memory", 10**15, 1.0) == "memory"
+
+
+def disk_store_of(run_dir, shard_size: int) -> DiskStore:
+    """The disk store a finished run's checkpoint lists."""
+    payload = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    identity = Identity(payload["algorithm"], payload["config_digest"], payload["partition_digest"])
+    return restore(run_dir / CHECKPOINT_NAME, identity, run_dir / "store", shard_size).store
+
+
+def assert_same_store(memory: MemoryStore | dict, disk: DiskStore) -> None:
+    """Every entry of both stores is bitwise equal (tensors, extras, last round)."""
+    memory = {int(c): StoreEntry.from_dict(e) for c, e in memory.items()}
+    assert sorted(memory) == disk.ids()
+    for cid, expected in memory.items():
+        got = disk.get(cid)
+        assert got.last_round == expected.last_round
+        for name, value in expected.state.flat().items():
+            assert torch.equal(value, got.state.flat()[name]), (cid, name)
+        assert expected.extras.keys() == got.extras.keys()
+        if "experts" in expected.extras:
+            assert torch.equal(expected.extras["experts"], got.extras["experts"])
+            assert expected.extras["expert_keys"] == got.extras["expert_keys"]
+
+
+def test_disk_and_memory_stores_give_bitwise_identical_runs(tmp_path):
+    [mem] = run_experiment(fast_config(tmp_path / "mem", *PFEDMOAP))
+    [disk] = run_experiment(fast_config(tmp_path / "disk", *PFEDMOAP, "store.backend=disk", "store.shard_size=2"))
+    assert mem["rounds"] == disk["rounds"] and mem["memory_per_client_bytes"] == disk["memory_per_client_bytes"]
+    assert len(mem["rounds"]) == 4 and mem["memory_per_client_bytes"]["extras_bytes"] > 0
+    mem_dir, disk_dir = only_run_dir(tmp_path / "mem"), only_run_dir(tmp_path / "disk")
+    mem_ckpt, disk_ckpt = load_checkpoint(mem_dir / CHECKPOINT_NAME), load_checkpoint(disk_dir / CHECKPOINT_NAME)
+    assert "store" not in disk_ckpt and set(disk_ckpt["shards"]) == {0, 1}  # 4 clients in shards of 2
+    assert torch.equal(mem_ckpt["server"]["global_state"]["ctx"], disk_ckpt["server"]["global_state"]["ctx"])
+    assert_same_store(mem_ckpt["store"], disk_store_of(disk_dir, 2))
+    # compacted: exactly the listed version of each shard is left
+    assert sorted(p.name for p in (disk_dir / "store").iterdir()) == sorted(disk_ckpt["shards"].values())
+
+
+def test_a_crash_between_the_shards_and_the_main_file_resumes_identically(tmp_path, monkeypatch):
+    disk = ["store.backend=disk", "store.shard_size=2"]
+    [straight] = run_experiment(fast_config(tmp_path / "straight", *PFEDMOAP, *disk))
+    original = orchestrator_module.save_checkpoint
+
+    def crash_in_round_3(path, state, identity):
+        if state.server.round == 3:  # round 3's shard files are written, its main file is not
+            raise KeyboardInterrupt("simulated crash")
+        original(path, state, identity)
+
+    monkeypatch.setattr(orchestrator_module, "save_checkpoint", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(fast_config(tmp_path / "cut", *PFEDMOAP, *disk))
+    run_dir = only_run_dir(tmp_path / "cut")
+    files = sorted(p.name for p in (run_dir / "store").iterdir())
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["server"]["round"] == 2
+    assert any(".r000003." in name for name in files)  # unlisted versions of the unfinished round
+    monkeypatch.setattr(orchestrator_module, "save_checkpoint", original)
+    [resumed] = run_experiment(fast_config(tmp_path / "cut", *PFEDMOAP, *disk, "run.resume=auto"))
+    assert resumed["rounds"] == straight["rounds"]
+    assert read_results(run_dir)["rounds"] == read_results(only_run_dir(tmp_path / "straight"))["rounds"]
+    listed = load_checkpoint(run_dir / CHECKPOINT_NAME)["shards"]
+    assert sorted(p.name for p in (run_dir / "store").iterdir()) == sorted(listed.values())
