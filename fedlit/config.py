@@ -135,6 +135,8 @@ class FederationConfig:
 class EvalConfig:
     protocol: str = "standard"  # standard | base2novel (train on the first half of the classes, test base and novel)
     diagnostics: bool = False  # per client and evaluated round, the module diagnostics (pFedMoAP: expert attention)
+    clients: str = "all"  # clients evaluated per round: all | sampled (the round's) | N (a seeded subset per round)
+    final_all: bool = True  # the run's final round evaluates every client whatever eval.clients says
 
 
 @dataclass
@@ -628,6 +630,9 @@ def _check_data(d: DataConfig) -> None:
 def _check_eval(e: EvalConfig) -> None:
     _check(e.protocol in ("standard", "base2novel"),
            f"eval.protocol must be standard or base2novel (got {e.protocol!r})")
+    clients = str(e.clients)
+    _check(clients in ("all", "sampled") or (clients.isdigit() and int(clients) >= 1),
+           f"eval.clients must be all, sampled or a positive number of clients (got {e.clients!r})")
 
 
 def _check_fed(f: FederationConfig) -> None:

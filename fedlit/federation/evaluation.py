@@ -71,11 +71,13 @@ def accuracy_counts(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor, lab
 
 def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, store: ClientStore,
              initial: ClientState, fabric=None, split: tuple[list[int], list[int]] | None = None,
-             round_index: int = 0, diagnostics: bool = False, excluded: frozenset[int] = frozenset()) -> Evaluation:
+             round_index: int = 0, diagnostics: bool = False, excluded: frozenset[int] = frozenset(),
+             clients: list[int] | None = None) -> Evaluation:
     """Every client's personalised model on its own test split and the global model on the whole test set;
     clients are sharded over ranks and the counts summed with one all-reduce. ``split`` = (base, novel) classes
     for the base-to-novel protocol: own split over the base classes, plus every novel test sample over the
-    novel classes. Clients in ``excluded`` (Byzantine ones) are not evaluated: their accuracy is None."""
+    novel classes. Clients in ``excluded`` (Byzantine ones), and those outside ``clients`` when it is given, are
+    not evaluated: their accuracy is None (only their store entries are read)."""
     data = trainer.data
     part = data.partition
     num_clients = part.num_clients
@@ -84,7 +86,8 @@ def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, s
     novel_index = (torch.nonzero(torch.isin(data.test_labels, torch.as_tensor(novel)), as_tuple=True)[0]
                    if novel is not None else None)
     sizes = {c: len(part.test_indices[c]) for c in range(num_clients)}
-    mine = assign_to_ranks([c for c in range(num_clients) if c not in excluded], sizes, world)[rank]
+    candidates = range(num_clients) if clients is None else sorted(set(clients))
+    mine = assign_to_ranks([c for c in candidates if c not in excluded], sizes, world)[rank]
     counts = torch.zeros(num_clients, 4, dtype=torch.float64)  # own correct, own total, novel correct, total
     entries = store.get_many(mine)  # a disk store reads each shard once
     plans = {cid: algorithm.eval_plan(server, cid, entries[cid], initial) for cid in mine}

@@ -25,7 +25,13 @@ from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, re
 from fedlit.federation.client_data import ClientData
 from fedlit.federation.collectives import gather_uploads
 from fedlit.federation.evaluation import evaluate
-from fedlit.federation.sampling import assign_to_ranks, attacked_clients, sample_clients, surviving_clients
+from fedlit.federation.sampling import (
+    assign_to_ranks,
+    attacked_clients,
+    evaluation_subset,
+    sample_clients,
+    surviving_clients,
+)
 from fedlit.federation.signals import STOP, Preempted
 from fedlit.federation.store import ClientStore, DiskStore, MemoryStore, choose_backend, estimated_bytes
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
@@ -191,11 +197,10 @@ class Orchestrator:
     def _round(self, state: RunState) -> None:
         """One round: plans for the sampled clients, this rank's training, one gather, aggregation, the store
         update and (on schedule) evaluation; updates ``state`` in place."""
-        cfg, algorithm, server = self.cfg, self.algorithm, state.server
+        algorithm, server = self.algorithm, state.server
         t0 = time.perf_counter()
         r = server.round + 1
-        sampled = surviving_clients(cfg.seed, r, sample_clients(cfg.seed, r, self.num_clients, cfg.fed.frac),
-                                    cfg.fed.dropout)
+        sampled = self._sampled(r)
         if not sampled:  # every sampled client dropped out: nothing to aggregate, only the round counter moves
             state.server = ServerState(dict(server.global_state), dict(server.extras), round=r)
             self._finish_round(state, r, None, 0, time.perf_counter() - t0)
@@ -213,6 +218,22 @@ class Orchestrator:
         state.server = algorithm.aggregate(server, {c: uploads[c] for c in kept}, {c: sizes[c] for c in kept})
         loss = float(np.mean([uploads[c].loss for c in kept]))
         self._finish_round(state, r, loss, len(kept), time.perf_counter() - t0)
+
+    def _sampled(self, r: int) -> list[int]:
+        """The clients that train in round ``r``: the sampled ones that do not drop out."""
+        cfg = self.cfg
+        return surviving_clients(cfg.seed, r, sample_clients(cfg.seed, r, self.num_clients, cfg.fed.frac),
+                                 cfg.fed.dropout)
+
+    def _evaluated_clients(self, r: int) -> list[int] | None:
+        """The clients round ``r`` evaluates (``eval.clients``; None: all): every client in round 0 and, with
+        ``eval.final_all``, in the final round."""
+        choice = str(self.cfg.eval.clients)
+        if choice == "all" or r == 0 or (self.cfg.eval.final_all and r == self.total_rounds):
+            return None
+        if choice == "sampled":
+            return self._sampled(r)
+        return evaluation_subset(self.cfg.seed, r, self.num_clients, int(choice))
 
     def _finish_round(self, state: RunState, r: int, loss: float | None, clients: int, seconds: float) -> None:
         """Evaluate round ``r`` on schedule, else log it."""
@@ -260,12 +281,14 @@ class Orchestrator:
     # -- evaluation and results -------------------------------------------------------------------------------
     def _evaluate_round(self, state: RunState, r: int, loss: float | None, clients: int, seconds: float) -> None:
         t0 = time.perf_counter()
+        chosen = self._evaluated_clients(r)
         result = evaluate(self.trainer, self.algorithm, state.server, state.store, self.initial, self.fabric,
                           self.split, round_index=r, diagnostics=self.cfg.eval.diagnostics,
-                          excluded=frozenset(self.attacked))
+                          excluded=frozenset(self.attacked), clients=chosen)
         accuracies, global_acc = result.accuracy, result.global_accuracy
         part = self.data.partition
-        honest = [c for c in range(self.num_clients) if c not in self.attacked]
+        evaluated = range(self.num_clients) if chosen is None else sorted(set(chosen))
+        honest = [c for c in evaluated if c not in self.attacked]
         row = {"round": r, "clients": clients, "loss": loss, "acc_global": global_acc,
                "seconds": round(seconds + time.perf_counter() - t0, 4),
                **round_metrics([accuracies[c] for c in honest], [len(part.test_indices[c]) for c in honest]),

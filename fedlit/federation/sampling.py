@@ -12,6 +12,7 @@ CLIENT_STREAM = 104_729
 FINETUNE_STREAM = 15_485_863  # a client's draws when it fine-tunes before its evaluation
 DROPOUT_STREAM = 32_452_843  # whether a sampled client fails to upload
 ATTACK_STREAM = 49_979_687  # which clients are Byzantine (once per run)
+EVAL_STREAM = 67_867_967  # which clients a round evaluates (eval.clients=N)
 
 
 def sample_size(num_clients: int, frac: float) -> int:
@@ -32,6 +33,12 @@ def surviving_clients(seed: int, round_index: int, sampled: list[int], dropout: 
     if dropout <= 0:
         return list(sampled)
     return [c for c in sampled if np.random.default_rng([seed, round_index, c, DROPOUT_STREAM]).random() >= dropout]
+
+
+def evaluation_subset(seed: int, round_index: int, num_clients: int, count: int) -> list[int]:
+    """``min(count, N)`` client ids drawn without replacement from the evaluation stream of this round (sorted)."""
+    rng = np.random.default_rng([seed, round_index, EVAL_STREAM])
+    return sorted(int(i) for i in rng.choice(num_clients, size=min(count, num_clients), replace=False))
 
 
 def attacked_clients(seed: int, num_clients: int, fraction: float) -> list[int]:
