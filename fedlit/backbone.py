@@ -205,6 +205,7 @@ def load_backbone(
     pretrained: str | None = None,
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> Backbone:
     """Build the frozen :class:`Backbone`.
 
@@ -213,7 +214,8 @@ def load_backbone(
     use; None: :func:`fedlit.io.default_cache_dir`). ``pretrained`` (open_clip names only): an open_clip pretrained
     tag (``openai``, ``laion2b_s34b_b79k``), a local weights file, or None for random weights. Every bad input
     (unknown name or tag, missing, corrupt or mismatched weights file, tag weights neither cached nor downloadable)
-    raises a one-line :class:`UserError`.
+    raises a one-line :class:`UserError`. ``progress``: report the one-time build of ``shapes-clip`` (a bar on a
+    terminal).
     """
     if name in LOCAL_NAMES and pretrained:
         raise UserError(f"backbone.pretrained={pretrained} cannot be used with the built-in backbone '{name}' "
@@ -224,7 +226,8 @@ def load_backbone(
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.CLIP(**TINY_CLIP_CFG)
     elif name == "shapes-clip":
-        model = load_shapes_clip(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
+        model = load_shapes_clip(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
+                                 progress=progress)
     else:
         known = open_clip.list_models()
         if name not in known:

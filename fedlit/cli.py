@@ -34,6 +34,7 @@ MAIN_KEYS = """main keys (any key of the config can be overridden as key=value):
   prompt.n_ctx=16  prompt.ctx_init=null  prompt.class_specific=false  optim.prompt_lr=0.002  optim.gate_lr=0.01
   trainer.devices=1  trainer.accelerator=auto|cpu|gpu|cuda|mps  trainer.precision=32-true|bf16-mixed|16-mixed
   run.name=default  run.out_dir=runs  run.resume=null|auto|<run dir>  run.quiet=false
+  run.loggers=[csv]|[csv,tensorboard]|[wandb]|[]   (Lightning loggers under <run dir>/logs/)
 
 run.name is one plain folder name (letters, digits, . _ - + = , @; at most 100 characters); runs are written to
 run.out_dir/run.name/<timestamp>/. Bad input prints one line and exits with code 2 before anything is written.

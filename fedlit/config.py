@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from fedlit.errors import UserError
+from fedlit.loggers import logger_kinds_problem
 
 BASELINE_ORDER = ("zeroshot", "coop_local", "promptfl", "fedprox", "pfedmoap")  # first in algorithm=all
 
@@ -227,6 +228,7 @@ class RunConfig:
     resume: str | None = None  # None | "auto" | path of a run directory
     quiet: bool = False
     on_nonfinite: str = "stop"  # a client's loss or parameters not finite: stop (exit 4) | skip_client
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # Lightning loggers: csv, tensorboard, wandb
 
 
 @dataclass
@@ -383,6 +385,9 @@ def _check_raw(key: str, kind: str, value: Any, origin: str) -> None:
     if isinstance(value, str) and "${" in value:
         return
     kinds = kind.replace(" ", "").split("|")
+    if kinds[0].startswith("list[") and not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{origin}bad value for '{key}': must be a list in brackets, e.g. {key}=[a,b] "
+                          f"(got {value!r})")
     if "bool" in kinds and value is not None and not isinstance(value, bool):
         raise ConfigError(f"{origin}bad value for '{key}': must be true or false (got {value!r})")
     if "str" in kinds and isinstance(value, bool):
@@ -748,6 +753,8 @@ def _check_run(r: RunConfig) -> None:
     _check_creatable_dir("run.out_dir", r.out_dir)
     _check(r.on_nonfinite in ("stop", "skip_client"),
            f"run.on_nonfinite must be stop or skip_client (got {r.on_nonfinite!r})")
+    problem = logger_kinds_problem(r.loggers)
+    _check(problem is None, problem or "")
     if r.resume in (None, "auto"):
         return
     hint = "use run.resume=auto or the path of a run directory (one that holds config.yaml or checkpoint.pt)"

@@ -33,6 +33,7 @@ from fedlit.data.shapes import (
 from fedlit.errors import UserError
 from fedlit.io import atomic_write
 from fedlit.io import default_cache_dir as default_cache_dir  # re-exported: pretrain.default_cache_dir() still works
+from fedlit.progress import progress_bar
 
 # Bump when the training procedure changes in a way the recipe fields do not capture.
 FORMAT_VERSION = 1
@@ -135,7 +136,8 @@ def _lr_at(step: int, recipe: ShapesClipRecipe) -> float:
 
 def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool = True) -> open_clip.CLIP:
     """Pretrain a CLIP of ``recipe.model_cfg()`` contrastively on a fresh batch of generated images and
-    captions at every step (``recipe.steps * recipe.batch_size`` images in all); returns it in eval mode."""
+    captions at every step (``recipe.steps * recipe.batch_size`` images in all); returns it in eval mode.
+    ``progress``: a bar over the steps with the loss (on a terminal, see :func:`fedlit.progress.progress_bar`)."""
     torch.manual_seed(recipe.seed)
     model = open_clip.CLIP(**recipe.model_cfg())
     model.train()
@@ -143,7 +145,7 @@ def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool 
                                   betas=(0.9, 0.98), eps=1e-6)
     all_tokens = _caption_tokens()
     generator = torch.Generator().manual_seed(recipe.data_seed)
-    start = time.perf_counter()
+    bar = progress_bar(recipe.steps, "shapes-clip pretraining", enabled=progress, unit="step")
     for step in range(recipe.steps):
         labels = torch.randint(len(SHAPES_CLASSNAMES), (recipe.batch_size,), generator=generator)
         template = torch.randint(len(SHAPES_TEMPLATES), (recipe.batch_size,), generator=generator)
@@ -158,9 +160,10 @@ def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool 
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if progress and (step % 50 == 0 or step == recipe.steps - 1):
-            print(f"[shapes-clip] step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
-                  f"{time.perf_counter() - start:.1f}s", flush=True)
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
     return model.eval()
 
 

@@ -210,12 +210,25 @@ def test_build_caches_and_reuses(tiny_file, monkeypatch):
 
 def test_same_recipe_gives_same_weights(tiny_file, tmp_path, capsys):
     path = build_shapes_clip(tmp_path, TINY, progress=True)
-    assert "step 3/3" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "[shapes-clip] built in" in shown.out and shown.err == ""  # the step bar: only on a terminal
     a = torch.load(tiny_file, weights_only=True)["state_dict"]
     b = torch.load(path, weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     init = open_clip.CLIP(**TINY.model_cfg()).state_dict()
     assert not torch.equal(a["text_projection"], init["text_projection"])  # it did train
+
+
+def test_pretraining_bar_is_drawn_on_a_terminal(tiny_file, tmp_path, capsys, monkeypatch):
+    from fedlit import progress
+
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: True)
+    path = build_shapes_clip(tmp_path, TINY, progress=True)
+    err = capsys.readouterr().err
+    assert "shapes-clip pretraining:" in err and f"/{TINY.steps} " in err and err.endswith("\r")  # drawn, removed
+    b = torch.load(path, weights_only=True)["state_dict"]
+    a = torch.load(tiny_file, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the bar changes nothing
 
 
 def test_load_rejects_a_file_of_another_recipe(tiny_file, tmp_path):

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedlit.backbone import Backbone
 from fedlit.errors import UserError
 from fedlit.io import atomic_write
+from fedlit.progress import progress_bar
 
 POOLED, PATCHES = "pooled", "patches"  # image feature kinds: one (D,) feature per image, or (P+1, D) tokens
 FEATURE_KINDS = (POOLED, PATCHES)
@@ -24,14 +25,20 @@ FEATURE_KINDS = (POOLED, PATCHES)
 
 @torch.no_grad()
 def encode_dataset(backbone: Backbone, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
-                   device: str | torch.device = "cpu", kind: str = POOLED) -> Tensor:
+                   device: str | torch.device = "cpu", kind: str = POOLED, progress: bool = False,
+                   desc: str = "image features") -> Tensor:
     """Normalised image features (float32, on CPU) of every item of ``dataset``, in order: ``(N, D)`` pooled, or
-    ``(N, P+1, D)`` per-token (``kind="patches"``, :meth:`Backbone.encode_image_patches`)."""
+    ``(N, P+1, D)`` per-token (``kind="patches"``, :meth:`Backbone.encode_image_patches`). ``progress``: a bar
+    ``desc`` over the images (on a terminal, see :func:`fedlit.progress.progress_bar`)."""
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown image feature kind {kind!r}; choose one of {FEATURE_KINDS}")
     encode = backbone.encode_image if kind == POOLED else backbone.encode_image_patches
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    chunks = [encode(images.to(device)).float().cpu() for images, _ in loader]
+    chunks = []
+    with progress_bar(len(dataset), desc, enabled=progress, unit="img") as bar:
+        for images, _ in loader:
+            chunks.append(encode(images.to(device)).float().cpu())
+            bar.update(len(images))
     return torch.cat(chunks) if chunks else torch.empty(0, backbone.feature_dim)
 
 

@@ -170,27 +170,32 @@ def run_feature_kinds(cfg: Config) -> list[str]:
 
 
 def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, partition: Partition,
-                      device: torch.device, cache: FeatureCache, kinds: Sequence[str] | None = None) -> ClientData:
+                      device: torch.device, cache: FeatureCache, kinds: Sequence[str] | None = None,
+                      progress: bool = False) -> ClientData:
     """Features as ``cfg.perf`` asks: cached test features, cached train features (or augmented views), pooled
     always and per-token patches too when ``kinds`` (default: :func:`run_feature_kinds`) includes them. The data
     serves patches when every kind is patches, else pooled features (:meth:`ClientData.for_module` switches).
-    UserError when ``data.drop_last`` would leave a client without a single batch."""
+    UserError when ``data.drop_last`` would leave a client without a single batch. ``progress``: a bar per feature
+    set computed (on a terminal)."""
     if cfg.data.drop_last:
         check_drop_last(partition, cfg.data.batch_size)
     kinds = list(kinds) if kinds is not None else run_feature_kinds(cfg)
 
     def features(split: str, dataset, views: int = 0, kind: str = POOLED) -> Tensor:
         key = feature_key(backbone, bundle.name, split, bundle.transform_id, len(dataset), views, kind)
+        desc = f"{bundle.name} {split} {'image' if kind == POOLED else 'patch'} features"
         if not views:
             return cache.get_or_compute(key, lambda: encode_dataset(backbone, dataset, device=device,
-                                                                    num_workers=cfg.data.num_workers, kind=kind))
+                                                                    num_workers=cfg.data.num_workers, kind=kind,
+                                                                    progress=progress, desc=desc))
 
         def compute_views() -> Tensor:
             out = []
             for v in range(views):
                 with torch.random.fork_rng(devices=[]):  # the random train transform draws from torch's global RNG
                     torch.manual_seed(AUGMENTED_VIEW_SEED + v)
-                    out.append(encode_dataset(backbone, dataset, device=device, num_workers=0, kind=kind))
+                    out.append(encode_dataset(backbone, dataset, device=device, num_workers=0, kind=kind,
+                                              progress=progress, desc=f"{desc}, view {v + 1}/{views}"))
             return torch.stack(out)
 
         return cache.get_or_compute(key, compute_views)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from fedlit.federation.orchestrator import Orchestrator
 from fedlit.federation.signals import Preempted, requeue_slurm_job
 from fedlit.io import atomic_write, default_cache_dir, remove_stale_temporaries
 from fedlit.modules import ClientModule
+from fedlit.progress import echo
 from fedlit.reporting import RunLock, comparison_table, latest_run_dir, new_run_dir_name
 from fedlit.sanity import check_zero_shot, zero_shot_accuracy
 from fedlit.threads import apply_thread_default
@@ -113,22 +113,26 @@ class Job:
 
 def build_job(cfg: Config, fabric: Fabric | None = None) -> Job:
     """Backbone, dataset, partition and cached features for ``cfg`` (on ``fabric.device``, CPU without Fabric).
-    With several processes, rank 0 builds the backbone first so that the others only read the cache."""
+    With several processes, rank 0 builds the backbone first so that the others only read the cache. Rank 0 of a
+    run that is not ``run.quiet`` shows bars for the backbone build and the feature caching (on a terminal)."""
     rank = fabric.global_rank if fabric is not None else 0
     device = fabric.device if fabric is not None else torch.device("cpu")
+    progress = rank == 0 and not cfg.run.quiet
     cache_dir = Path(cfg.backbone.cache_dir).expanduser() if cfg.backbone.cache_dir else default_cache_dir()
     backbone = None
     if rank == 0:
-        backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device)
+        backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device,
+                                 progress=progress)
     if fabric is not None:
         fabric.barrier()
     if backbone is None:
-        backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device)
+        backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device,
+                                 progress=False)
     bundle = build_dataset(cfg.data, backbone.preprocess)
     classes = base_classes(bundle.num_classes) if cfg.eval.protocol == "base2novel" else None
     partition = make_partition(bundle, cfg.data, cfg.seed, classes)
     cache = FeatureCache(cache_dir / "features" if cfg.perf.disk_cache else None)
-    data = build_client_data(cfg, backbone, bundle, partition, device, cache)
+    data = build_client_data(cfg, backbone, bundle, partition, device, cache, progress=progress)
     return Job(cfg, backbone, bundle, partition, data, fabric)
 
 
@@ -152,24 +156,18 @@ def run_experiment(cfg: Config) -> list[dict]:
     (the checkpoint of the last finished round is on disk)."""
     fabric = make_fabric(cfg)
     torch.manual_seed(cfg.seed)
-    log = (lambda m: print(m, flush=True)) if fabric.global_rank == 0 and not cfg.run.quiet else (lambda m: None)
-    log(to_yaml(cfg))
+    lead = fabric.global_rank == 0
+    log = echo if lead and not cfg.run.quiet else (lambda m: None)
 
     # Everything that can fail on bad input happens before the run directory exists.
-    t0 = time.perf_counter()
     job = build_job(cfg, fabric)
     bundle, partition, data = job.bundle, job.partition, job.data
-    log(f"fedlit | {bundle.name}: {bundle.num_classes} classes, {len(bundle.train)} train / {len(bundle.test)} test"
-        f" | {cfg.data.partition} partition over {partition.num_clients} clients (digest {partition.digest()[:12]})"
-        f" | backbone {job.backbone.name} | {fabric.world_size} process(es), precision {cfg.trainer.precision}")
-    log(f"fedlit | backbone and image features ready in {time.perf_counter() - t0:.1f} s "
-        f"({'train+test cached' if data.train_features is not None else 'test cached, train augmented'})")
-
+    zero_shot = None
     if is_pretrained(cfg) and data.test_features is not None:
         accuracy = zero_shot_accuracy(job.backbone, bundle.classnames, data.test_features, data.test_labels,
                                       cfg.method.template)
-        log(f"fedlit | zero-shot accuracy before training: {100 * accuracy:.2f}% on {bundle.num_classes} classes "
-            f"(chance {100 / bundle.num_classes:.2f}%)")
+        zero_shot = (f"fedlit | zero-shot accuracy before training: {100 * accuracy:.2f}% on {bundle.num_classes} "
+                     f"classes (chance {100 / bundle.num_classes:.2f}%)")
         if cfg.backbone.sanity_check:
             check_zero_shot(accuracy, bundle.num_classes, bundle.name)
 
@@ -196,12 +194,36 @@ def run_experiment(cfg: Config) -> list[dict]:
         error = fabric.broadcast(error, src=0)
         if error is not None:
             raise UserError(error)
-        log(f"fedlit | run directory {run_dir}{' (resuming)' if resuming else ''}")
-        results = [orchestrators[name].run(resume=resuming) for name in names]
+        log(summary_line(cfg, job, names, run_dir, resuming))
+        if zero_shot is not None:
+            log(zero_shot)
+        results = [run_one(orchestrators[name], resuming) for name in names]
     if len(results) > 1:
         log("\n" + comparison_table(results))
-    log(f"fedlit | results in {run_dir}")
+    if lead:  # even with run.quiet: where the results are
+        echo(f"fedlit | results in {run_dir}")
     return results
+
+
+def summary_line(cfg: Config, job: Job, names: list[str], run_dir: Path, resuming: bool) -> str:
+    """The one console line of a run: dataset, clients, rounds, method(s), backbone, processes, precision and run
+    directory (the whole configuration is in the run directory's ``config.yaml``)."""
+    bundle, world = job.bundle, job.fabric.world_size if job.fabric is not None else 1
+    methods = f"all {len(names)} methods" if cfg.algorithm == "all" else ", ".join(names)
+    rounds = f"{cfg.fed.rounds} round{'s' if cfg.fed.rounds != 1 else ''}"
+    return (f"fedlit | {bundle.name} ({bundle.num_classes} classes) | {job.partition.num_clients} clients "
+            f"({cfg.data.partition}) | {rounds} | {methods} | backbone {job.backbone.name} | "
+            f"{world} process{'es' if world > 1 else ''}, {cfg.trainer.precision} | "
+            f"{'resuming ' if resuming else ''}{run_dir}")
+
+
+def run_one(orchestrator: Orchestrator, resume: bool) -> dict:
+    """Run one orchestrator with its rounds bar drawn from the start (and removed however the run ends)."""
+    orchestrator.reporter.start()
+    try:
+        return orchestrator.run(resume=resume)
+    finally:
+        orchestrator.reporter.close()
 
 
 __all__ = ["run_experiment", "build_job", "Job", "Preempted", "requeue_slurm_job", "config_digest"]

@@ -25,6 +25,7 @@ from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, re
 from fedlit.federation.client_data import ClientData
 from fedlit.federation.collectives import gather_uploads
 from fedlit.federation.evaluation import evaluate
+from fedlit.federation.reporter import RoundReporter
 from fedlit.federation.sampling import (
     assign_to_ranks,
     attacked_clients,
@@ -106,7 +107,6 @@ class Orchestrator:
             self.initial.flat(), self.num_clients, cfg.optim.persistent_state), cfg.store.memory_budget_mb)
         self.store_directory = Path(cfg.store.directory).expanduser() if cfg.store.directory else self.run_dir / "store"
 
-
     @property
     def module(self) -> ClientModule:
         """The process's one client module."""
@@ -117,10 +117,16 @@ class Orchestrator:
         """Rounds this run trains (0 for a method that does not train)."""
         return self.cfg.fed.rounds if self.algorithm.trains else 0
 
+    @property
+    def reporter(self) -> RoundReporter:
+        """Console lines, the rounds bar and the Lightning loggers of this run (rank 0 only; made on first use)."""
+        if getattr(self, "_reporter", None) is None:
+            self._reporter = RoundReporter(self.cfg, self.algorithm.name, self.run_dir, self.rank, self.total_rounds)
+        return self._reporter
+
     def log(self, message: str) -> None:
-        """Print on rank 0 unless quiet."""
-        if self.rank == 0 and not self.cfg.run.quiet:
-            print(message, flush=True)
+        """Print on rank 0 unless quiet (above the rounds bar when one is drawn)."""
+        self.reporter.line(message)
 
     def verify_checkpoint(self) -> None:
         """Refuse (one :class:`UserError` line) a checkpoint in ``run_dir`` written by another algorithm,
@@ -243,6 +249,8 @@ class Orchestrator:
             lossed = f"loss {loss:.4f}" if loss is not None else "no uploads"
             self.log(f"[{self.algorithm.name}] round {r:>3}/{self.cfg.fed.rounds} | clients {clients} | "
                      f"{lossed} | {seconds:.1f} s")
+            self.reporter.metrics(r, {"clients": clients, "loss": loss, "seconds": round(seconds, 4)})
+        self.reporter.round_finished(r)
 
     def _finite(self, uploads: dict[int, Upload], sampled: list[int], r: int) -> list[int]:
         """The sampled clients whose loss and state are finite. A non-finite one stops the run (:class:`Diverged`,
@@ -308,6 +316,7 @@ class Orchestrator:
         self.log(f"[{self.algorithm.name}] round {r:>3}/{self.total_rounds} | clients {clients}{lossed} | "
                  f"acc {100 * row['acc_mean']:.2f}% (worst10 {100 * row['acc_worst10']:.2f}%){glob} | "
                  f"{row['seconds']:.1f} s")
+        self.reporter.metrics(r, row, result.diagnostics, [accuracies[c] for c in honest])
 
     def _write(self, state: RunState, memory: dict | None = None) -> dict:
         """Write ``metrics.csv`` and ``results.json`` (rank 0); returns the results dictionary."""
