@@ -32,7 +32,7 @@ def run(devices: int, threads: int, rounds: int, accelerator: str, out_dir: Path
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"run with {devices} process(es) failed:\n{done.stderr[-4000:]}")
-    run_dir = next(out_dir.rglob("metrics.csv")).parent
+    run_dir = next(out_dir.rglob("results.json")).parent  # logs/csv/ holds a metrics.csv of its own
     seconds = [float(r["seconds"]) for r in csv.DictReader((run_dir / "metrics.csv").open())]
     results = json.loads((run_dir / "results.json").read_text())
     return {"seconds": sum(seconds) / len(seconds), "accuracy": results["rounds"][-1]["accuracy"]}
