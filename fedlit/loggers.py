@@ -1,5 +1,6 @@
-"""Lightning loggers of a run (``run.loggers``): Fabric's CSV and TensorBoard loggers, and Weights & Biases when it
-is installed, written under ``<run_dir>/logs/<kind>/version_<n>/`` (a resumed run gets the next version).
+"""Lightning loggers of a run (``run.loggers``): Fabric's CSV and TensorBoard loggers, written under
+``<run_dir>/logs/<kind>/version_<n>/`` (a resumed run gets the next version), and Weights & Biases when it is
+installed (project ``fedlit``, its files under ``<run_dir>/logs/wandb/``).
 
 Per round they receive every number of the round's metrics row (nested ones such as ``domains`` as
 ``domains/<name>/mean``), pFedMoAP's expert attention as one scalar per expert slot (``expert_attention/slot_<i>``,
