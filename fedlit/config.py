@@ -236,7 +236,7 @@ class StoreConfig:
     backend: str = "memory"  # memory | disk (versioned shard files, incremental checkpoints) | auto
     memory_budget_mb: float = 1024.0  # auto: disk when every client's initial state would exceed this many MiB
     directory: str | None = None  # disk: where shard files live (None: <run dir>/store)
-    shard_size: int = 256  # disk: clients per shard file (shard = client id // shard_size)
+    shard_size: int = 1  # disk: clients per shard file (shard = client id // shard_size; see federation/store.py)
 
 
 @dataclass

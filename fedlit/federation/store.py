@@ -12,6 +12,11 @@ of a round whose checkpoint never completed) are removed by :meth:`DiskStore.rem
 file that no longer needs them has been replaced, or on resume. So a SIGKILL at any moment leaves the files of
 the last complete checkpoint intact.
 
+A new shard version holds every entry of its shard, so a round writes at most (clients per round) x
+``shard_size`` entries, whatever N is. ``store.shard_size=1`` (the default) writes exactly the round's clients,
+one file per client that has trained; larger shards mean fewer files but rewrite the entries of clients that did
+not train (``benchmarks/scale.py`` measures both).
+
 Shard files are ``torch.save`` of plain dicts, read with ``torch.load(weights_only=True)`` (torch's restricted
 unpickler: tensors, numbers, strings, lists and dicts only, no code runs on load). safetensors would be the
 tensor-only alternative, but entries hold algorithm extras that are lists and numbers beside tensors
