@@ -103,6 +103,16 @@ def group_runs(results: list[dict]) -> tuple[list[str], dict[tuple[str, ...], li
     return keys, groups
 
 
+def final_of(final: dict, metric: str) -> dict | None:
+    """``final[metric]`` (``{"last_round": .., "mean_last_5": ..}``); results.json files written before ``final``
+    summarised every metric hold ``acc_mean``'s two numbers at the top level."""
+    if metric in final:
+        return final[metric]
+    if metric == "acc_mean" and "last_round" in final:
+        return {k: final[k] for k in SUMMARIES if k in final}
+    return None
+
+
 def compare(results: list[dict]) -> tuple[list[str], list[Row]]:
     """The differing keys and one row per (group, reported metric), groups in sorted order."""
     keys, groups = group_runs(results)
@@ -110,7 +120,7 @@ def compare(results: list[dict]) -> tuple[list[str], list[Row]]:
     for values, runs in sorted(groups.items()):
         seeds = sorted(int(r.get("seed", 0)) for r in runs)
         for metric in METRICS:
-            finals = [r["final"].get(metric) for r in runs]
+            finals = [final_of(r["final"], metric) for r in runs]
             if any(f is None for f in finals):
                 continue
             summary = {s: t_interval([100.0 * f[s] for f in finals]) for s in SUMMARIES if s in finals[0]}

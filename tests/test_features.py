@@ -76,14 +76,15 @@ def test_augmented_views_draw_one_precomputed_view_per_sample_and_epoch():
     assert torch.equal(seen, torch.tensor([0, 2, 3, 5]))
 
 
-def test_compare_prints_mean_and_std_over_seeds(tmp_path, capsys):
-    from experiments.compare import main
+def test_compare_reads_results_written_before_the_config_was_stored(tmp_path, capsys):
+    from fedlit.command import main
 
     for seed, acc in ((0, 0.5), (1, 0.7)):
         d = tmp_path / f"s{seed}"
         d.mkdir()
         (d / "results.json").write_text(json.dumps({"dataset": "shapes", "algorithm": "pfedmoap", "seed": seed,
                                                     "final": {"last_round": acc, "mean_last_5": acc - 0.1}}))
-    assert main([str(tmp_path)]) == 0
+    assert main(["compare", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "pfedmoap" in out and "60.00 ± 10.00" in out and "50.00 ± 10.00" in out
+    # grouped by (dataset, algorithm) only; mean ± sample std over the two seeds
+    assert "2 runs" in out and "60.00 ± 14.14" in out and "50.00 ± 14.14" in out

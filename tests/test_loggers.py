@@ -164,3 +164,18 @@ def test_feature_bar_is_drawn_only_on_a_terminal(monkeypatch, capsys):
     assert torch.equal(plain, drawn)
     encode_dataset(backbone, images, batch_size=4, progress=False, desc="test features")  # run.quiet or rank > 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.multiprocess
+def test_two_processes_print_only_the_results_line_and_log_once(tmp_path):
+    from tests.helpers import FAST, cache_dir, only_run_dir, train_cli
+
+    done = train_cli(*FAST, f"backbone.cache_dir={cache_dir()}", "algorithm=promptfl", "trainer.devices=2",
+                     f"run.out_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    assert done.stdout == f"fedlit | results in {run_dir}\n"  # run.quiet: rank 0 the results path, rank 1 nothing
+    logs = run_dir / "logs" / "csv"
+    assert [p.name for p in logs.iterdir()] == ["version_0"]  # the default csv logger: written once, by rank 0
+    rows = list(csv.DictReader((logs / "version_0" / "metrics.csv").open()))
+    assert [int(row["step"]) for row in rows] == [1, 2, 3]

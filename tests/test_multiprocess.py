@@ -3,7 +3,6 @@ resume, SIGUSR1 stop + resume, refusal of a foreign checkpoint."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -29,14 +28,7 @@ def test_one_and_two_processes_give_bitwise_identical_results(tmp_path):
     for devices in (1, 2):
         done = train_cli(*JOB, f"trainer.devices={devices}", f"run.out_dir={tmp_path / str(devices)}")
         assert done.returncode == 0, done.stderr[-3000:]
-        # run.quiet: rank 0 prints the results path and nothing else, the other rank nothing
-        assert done.stdout == f"fedlit | results in {only_run_dir(tmp_path / str(devices))}\n"
     one, two = (only_run_dir(tmp_path / d) for d in ("1", "2"))
-    for run_dir in (one, two):  # the default csv logger: written once, by rank 0
-        logs = run_dir / "logs" / "csv"
-        assert [p.name for p in logs.iterdir()] == ["version_0"]
-        rows = list(csv.DictReader((logs / "version_0" / "metrics.csv").open()))
-        assert [int(row["step"]) for row in rows] == [1, 2, 3]
     res1, res2 = read_results(one), read_results(two)
     assert (res1["world_size"], res2["world_size"]) == (1, 2)
     assert [r["accuracy"] for r in res1["rounds"]] == [r["accuracy"] for r in res2["rounds"]]
