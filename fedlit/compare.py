@@ -18,8 +18,9 @@ from fedlit.errors import UserError
 from fedlit.reporting import load_results
 
 # Keys that never separate runs: the seed, run bookkeeping, the process layout, where files live, speed settings.
-IGNORED_KEYS = ("seed", "backbone.cache_dir", "data.root", "data.num_workers")
-IGNORED_SECTIONS = ("run.", "trainer.", "perf.")
+# Keys that never change a run's numbers: layout, storage, bookkeeping and what is recorded besides the metrics.
+IGNORED_KEYS = ("seed", "backbone.cache_dir", "data.root", "data.num_workers", "eval.diagnostics")
+IGNORED_SECTIONS = ("run.", "trainer.", "perf.", "store.")
 METRICS = {"acc_mean": "personalised", "acc_global": "global", "acc_novel_mean": "novel", "hm_of_means": "HM"}
 SUMMARIES = {"last_round": "last round", "mean_last_5": "mean of last 5"}
 FORMATS = ("text", "markdown", "csv")

@@ -43,9 +43,11 @@ def test_t_interval_numbers():
 
 def test_bookkeeping_keys_and_the_seed_never_separate_runs():
     base = {"algorithm": "all", "seed": 0, "method": {"lam": 0.5}, "data": {"root": "a", "num_workers": 0},
-            "backbone": {"cache_dir": "x"}, "perf": {"client_batch": 0}, "run": {"name": "a"}}
+            "backbone": {"cache_dir": "x"}, "perf": {"client_batch": 0}, "run": {"name": "a"},
+            "store": {"backend": "memory"}, "eval": {"diagnostics": False, "protocol": "standard"}}
     other = {**base, "seed": 3, "data": {"root": "b", "num_workers": 4}, "backbone": {"cache_dir": "y"},
-             "perf": {"client_batch": 8}, "run": {"name": "b"}}
+             "perf": {"client_batch": 8}, "run": {"name": "b"}, "store": {"backend": "disk"},
+             "eval": {"diagnostics": True, "protocol": "standard"}}
     configs = [comparable_config({"config": c, "algorithm": "promptfl"}) for c in (base, other)]
     assert differing_keys(configs) == []
     assert configs[0]["algorithm"] == "promptfl"  # the method a run of algorithm=all trained, not "all"
