@@ -71,19 +71,21 @@ def latest_run_dir(out_dir: str | Path, name: str) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    """One row per evaluated round with the METRIC_COLUMNS (and the BASE_NOVEL_COLUMNS when reported), then any
+def write_metrics_csv(path: Path, rows: list[dict], algorithm: str = "") -> None:
+    """One row per evaluated round: the ``algorithm`` column (so that concatenated files stay readable), the
+    METRIC_COLUMNS (and the BASE_NOVEL_COLUMNS when reported), then any
     other numeric key the rows carry (an algorithm's ``report``, e.g. ``epsilon``), in first-seen order."""
     known = set(METRIC_COLUMNS) | set(BASE_NOVEL_COLUMNS) | {"clients_without_test"}
     extra = list(dict.fromkeys(k for row in rows for k, v in row.items()
                                if k not in known and (v is None or isinstance(v, (int, float)))))
-    columns = (METRIC_COLUMNS[:-1] + [c for c in BASE_NOVEL_COLUMNS if any(c in row for row in rows)] + extra
-               + ["seconds"])
+    reported = [c for c in BASE_NOVEL_COLUMNS if any(c in row for row in rows)]
+    columns = ["algorithm"] + METRIC_COLUMNS[:-1] + reported + extra + ["seconds"]
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+        writer.writerow({"algorithm": algorithm, **{k: ("" if row.get(k) is None else row.get(k))
+                                                    for k in columns[1:]}})
     atomic_write(path, text.getvalue())
 
 
@@ -111,7 +113,7 @@ def build_results(meta: dict, algorithm: str, seed: int, partition_digest: str, 
 
 def write_results(run_dir: Path, history: list[dict], results: dict) -> None:
     """``metrics.csv`` (with timings) and ``results.json`` of a run directory."""
-    write_metrics_csv(run_dir / "metrics.csv", history)
+    write_metrics_csv(run_dir / "metrics.csv", history, results["algorithm"])
     write_results_json(run_dir / "results.json", results)
 
 

@@ -48,6 +48,7 @@ def test_each_method_runs_end_to_end_and_writes_results(tmp_path):
         assert on_disk["final"] == res["final"]
         rows = list(csv.DictReader((run_dir / name / "metrics.csv").open()))
         expected_rounds = ["0"] if name == "zeroshot" else ["1", "2"]
+        assert {r["algorithm"] for r in rows} == {name}
         assert [r["round"] for r in rows] == expected_rounds
         assert len(res["rounds"][-1]["accuracy"]) == 4
         assert all(0.0 <= a <= 1.0 for a in res["rounds"][-1]["accuracy"])

@@ -9,6 +9,7 @@ finishes every round. The daemons this module started are stopped by pid at the 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -317,7 +318,7 @@ def submit_and_requeue(cluster, out: Path, name: str, submit) -> tuple[dict, str
         run_dir, results = results_of(out, name)  # one directory: the restart continued it
         rounds = list(range(1, REQUEUE_ROUNDS + 1))
         assert [r["round"] for r in results["rounds"]] == rounds
-        csv_rounds = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+        csv_rounds = [int(row["round"]) for row in csv.DictReader((run_dir / "metrics.csv").open())]
         assert csv_rounds == rounds
     return results, text
 
