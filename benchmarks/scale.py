@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,10 +36,11 @@ COHORT = 100
 SIZES = (1_000, 10_000, 100_000)
 
 
-def rss_bytes() -> int:
-    """The process's current resident set size."""
+def rss_bytes(field: str = "VmRSS") -> int:
+    """The process's current resident set size (``VmHWM``: its peak). Read from /proc rather than ``getrusage``,
+    whose ``ru_maxrss`` survives exec and so reports the parent's size when a large process started this one."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def initial_state() -> ClientState:
@@ -93,7 +93,7 @@ def run_one(num_clients: int, rounds: int, shard_size: int) -> dict:
     later = rounds_out[1:] or rounds_out  # the first round also pays for imports and warm-up
     return {"clients": num_clients, "rounds": rounds, "stored_clients": len(store), "store_bytes": on_disk,
             "base_rss_bytes": base, "rss_bytes": rss_bytes(),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": rss_bytes("VmHWM"),
             "round_s": sum(x["round_s"] for x in later) / len(later),
             "checkpoint_s": sum(x["checkpoint_s"] for x in later) / len(later),
             "checkpoint_bytes": sum(x["checkpoint_bytes"] for x in later) / len(later),

@@ -48,12 +48,17 @@ def upload_is_finite(upload: Upload) -> bool:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: max allocated CUDA memory on a GPU, peak resident set size on CPU."""
+    """Peak memory of this process: max allocated CUDA memory on a GPU, peak resident set size on CPU (``VmHWM``
+    where /proc has it: ``ru_maxrss`` survives exec and would report a large parent's size)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def largest_entries(store: ClientStore) -> list[StoreEntry]:
