@@ -26,9 +26,9 @@ import torch
 
 from fedlit.algorithms import build_algorithm
 from fedlit.config import load_config
-from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, save_checkpoint
+from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, checkpoint_round
 from fedlit.federation.sampling import sample_clients
-from fedlit.federation.store import DiskStore
+from fedlit.federation.store import SHARD_SUFFIX, DiskStore, RecordTable
 from fedlit.gating import AttentionGate
 from fedlit.state import GATE, PROMPT, ClientState, StoreEntry, Upload
 
@@ -70,22 +70,21 @@ def run_one(num_clients: int, rounds: int, shard_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
         store = DiskStore(run_dir / "store", shard_size)
-        state = RunState(server=algorithm.init_server(initial), store=store)
+        state = RunState(server=algorithm.init_server(initial), store=store,
+                         records=RecordTable(run_dir / "store", shard_size))
         for r in range(1, rounds + 1):
             t0 = time.perf_counter()
             sampled = sample_clients(cfg.seed, r, num_clients, cfg.fed.frac)
             entries = store.get_many(sampled)
-            plans = {c: algorithm.plan(state.server, c, entries[c], initial) for c in sampled}
+            plans = algorithm.plan_round(state.server, entries, initial)
             uploads = {c: Upload(trained(plans[c].start, generator), loss=1.0, steps=5) for c in sampled}
             for c in sampled:
                 store.put(c, StoreEntry(uploads[c].state, algorithm.keep(plans[c]), last_round=r))
             state.server = algorithm.aggregate(state.server, uploads, dict.fromkeys(sampled, 50))
             t1 = time.perf_counter()
-            store.commit(r)
-            save_checkpoint(run_dir / CHECKPOINT_NAME, state, identity)
+            checkpoint_round(run_dir, state, identity)  # the round's shards and records, main file, compaction
             written = (run_dir / CHECKPOINT_NAME).stat().st_size + sum(
-                p.stat().st_size for p in store.directory.glob(f"shard-*.r{r:06d}.pt"))
-            store.remove_unlisted()
+                p.stat().st_size for p in store.directory.glob(f"*.r{r:06d}{SHARD_SUFFIX}"))
             t2 = time.perf_counter()
             rounds_out.append({"round_s": t2 - t0, "checkpoint_s": t2 - t1, "checkpoint_bytes": written,
                                "main_file_bytes": (run_dir / CHECKPOINT_NAME).stat().st_size})

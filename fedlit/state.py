@@ -104,18 +104,27 @@ class StoreEntry:
 
 @dataclass
 class ServerState:
-    """Replicated server state: the global tensors (``{"ctx": P_g}``, optionally more), algorithm-owned ``extras``
-    (pFedMoAP's pool of latest prompts) and the number of completed rounds."""
+    """Replicated server state: the global tensors (``{"ctx": P_g}``, optionally more), algorithm-owned ``extras``,
+    algorithm-owned ``client_records`` (client id -> a plain tree the server keeps about that client: pFedMoAP's
+    pool of latest prompts) and the number of completed rounds.
+
+    ``client_records`` grows with the clients that have ever participated, so on the disk store a round's
+    checkpoint writes only the records that changed: a round replaces the records it changes with new objects and
+    never modifies one in place (nor removes one), and the backend writes the records whose object changed."""
 
     global_state: Params
     extras: dict[str, Any] = field(default_factory=dict)
     round: int = 0
+    client_records: dict[int, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        """A plain dict (what checkpoints hold)."""
-        return {"global_state": self.global_state, "extras": self.extras, "round": self.round}
+    def to_dict(self, records: bool = True) -> dict:
+        """A plain dict (what checkpoints hold); without ``client_records`` when not ``records`` (the disk store
+        keeps them in their own files)."""
+        out = {"global_state": self.global_state, "extras": self.extras, "round": self.round}
+        return {**out, "client_records": self.client_records} if records else out
 
     @classmethod
     def from_dict(cls, data: dict) -> ServerState:
-        """Inverse of :meth:`to_dict`."""
-        return cls(dict(data["global_state"]), dict(data["extras"]), int(data["round"]))
+        """Inverse of :meth:`to_dict` (records absent: none)."""
+        records = {int(c): r for c, r in data.get("client_records", {}).items()}
+        return cls(dict(data["global_state"]), dict(data["extras"]), int(data["round"]), records)

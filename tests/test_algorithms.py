@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedlit.algorithms import build_algorithm, fedavg
-from fedlit.algorithms.pfedmoap import select_knn, select_random
+from fedlit.algorithms.pfedmoap import exact_distances, select_knn, select_knn_many, select_random
 from fedlit.config import load_config
 from fedlit.state import ClientState, ServerState, StoreEntry, Upload
 
@@ -31,6 +31,32 @@ def test_knn_selection_excludes_self_and_breaks_ties_by_id():
     assert select_knn(pool, 0, 4) == [2, 3, 4, 1]
     assert select_knn(pool, 5, 1) == [1]
     assert select_knn(pool, 0, 9) == [2, 3, 4, 1, 5]  # fewer candidates than K: all of them
+
+
+def naive_knn(pool: dict[int, dict], client_id: int, k: int) -> list[int]:
+    """Every other pool entry ranked by its one-at-a-time float64 distance, ties by id: the definition."""
+    candidates = sorted(i for i in pool if i != client_id)
+    distances = exact_distances(pool, client_id, candidates)
+    return [candidates[j] for j in sorted(range(len(candidates)), key=lambda j: (distances[j], candidates[j]))[:k]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_knn_equals_the_one_at_a_time_ranking_ties_included(seed):
+    generator = torch.Generator().manual_seed(seed)
+    centre = torch.randn(16, 64, generator=generator) * 0.02
+    pool = {}
+    for cid in range(0, 2600, 2):  # more rows than one float64 chunk; sparse ids
+        pool[cid] = {"ctx": centre + 1e-3 * torch.randn(16, 64, generator=generator), "round": 1}
+    for cid in (1, 3, 5):  # bitwise duplicates of 0, and rows a hair away from 2: ties and near ties
+        pool[cid] = {"ctx": pool[0]["ctx"].clone(), "round": 2}
+    pool[7] = {"ctx": pool[2]["ctx"] + 1e-9, "round": 2}
+    queries = [0, 1, 2, 7, 100, 2598]
+    batched = select_knn_many(pool, queries, 9)
+    for cid in queries:
+        assert batched[cid] == naive_knn(pool, cid, 9), cid
+    assert batched[0][:3] == [1, 3, 5] and batched[1][:3] == [0, 3, 5]  # exact ties: the smaller id first
+    assert select_knn_many(pool, [], 9) == {} and select_knn_many(pool, [0], 0) == {0: []}
+    assert select_knn({4: {"ctx": torch.zeros(2), "round": 1}}, 4, 3) == []
 
 
 def test_random_selection_is_a_fresh_per_client_per_round_draw():
@@ -59,7 +85,7 @@ def test_pfedmoap_plan_uses_the_pool_of_the_round_start_and_keeps_the_gate_priva
     algo = build_algorithm(_cfg("algorithm=pfedmoap"))
     initial = _state(prompt_learner__ctx=torch.zeros(2, 3), gate__q_proj__weight=torch.zeros(2, 2))
     pool = {c: {"ctx": torch.full((2, 3), float(c)), "round": 1} for c in (0, 1, 2)}
-    server = ServerState(global_state={"ctx": torch.full((2, 3), 5.0)}, round=1, extras={"pool": pool})
+    server = ServerState(global_state={"ctx": torch.full((2, 3), 5.0)}, round=1, client_records=pool)
     own = StoreEntry(_state(prompt_learner__ctx=torch.ones(2, 3), gate__q_proj__weight=torch.full((2, 2), 7.0)))
     plan = algo.plan(server, 1, own, initial)
     assert torch.equal(plan.start.params["prompt_learner.ctx"], server.global_state["ctx"])  # starts from P_g
@@ -76,15 +102,16 @@ def test_pfedmoap_plan_uses_the_pool_of_the_round_start_and_keeps_the_gate_priva
 def test_pfedmoap_aggregation_averages_prompts_replaces_pool_and_never_touches_gates():
     algo = build_algorithm(_cfg("algorithm=pfedmoap"))
     server = ServerState(global_state={"ctx": torch.zeros(1, 2)}, round=1,
-                         extras={"pool": {0: {"ctx": torch.zeros(1, 2), "round": 1}}})
+                         client_records={0: {"ctx": torch.zeros(1, 2), "round": 1}})
     uploads = {0: _upload(prompt_learner__ctx=torch.tensor([[2.0, 0.0]]), gate__w=torch.tensor([1.0])),
                2: _upload(prompt_learner__ctx=torch.tensor([[0.0, 4.0]]), gate__w=torch.tensor([3.0]))}
     new = algo.aggregate(server, uploads, {0: 3, 2: 1})
     assert torch.equal(new.global_state["ctx"], torch.tensor([[1.5, 1.0]]))
     assert set(new.global_state) == {"ctx"}
-    pool = new.extras["pool"]
+    pool = new.client_records
     assert new.round == 2 and pool[0]["round"] == 2 and torch.equal(pool[2]["ctx"], torch.tensor([[0.0, 4.0]]))
-    assert torch.equal(server.extras["pool"][0]["ctx"], torch.zeros(1, 2))  # the old pool is not modified in place
+    assert torch.equal(server.client_records[0]["ctx"], torch.zeros(1, 2))  # the old pool is not modified in place
+    assert new.client_records[0] is not server.client_records[0]  # a changed record is a new object
     ablation = build_algorithm(_cfg("algorithm=pfedmoap", "method.aggregate_gate=true"))
     new = ablation.aggregate(server, uploads, {0: 3, 2: 1})
     assert torch.equal(new.global_state["gate.w"], torch.tensor([1.5]))

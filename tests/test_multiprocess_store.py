@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from fedlit.federation.checkpoint import load_checkpoint
+from fedlit.federation.checkpoint import disk_store_of, load_checkpoint
 from tests.helpers import only_run_dir, read_results, train_cli
 from tests.test_multiprocess import JOB, LONG_ROUNDS, _start, _wait_for_round
 
@@ -32,8 +32,9 @@ def test_sigkill_mid_run_with_the_disk_store_then_resume_ends_with_identical_res
     assert "resuming after round" in resumed.stdout
     assert json.loads((cut_dir / "results.json").read_text())["rounds"] == \
         read_results(only_run_dir(tmp_path / "ref"))["rounds"]
-    listed = load_checkpoint(cut_dir / "checkpoint.pt")["shards"]
-    assert sorted(p.name for p in (cut_dir / "store").iterdir()) == sorted(listed.values())  # nothing stale left
+    tables = disk_store_of(load_checkpoint(cut_dir / "checkpoint.pt"), cut_dir / "store", 2)
+    listed = [name for table in tables for name in table.listed_files()]
+    assert sorted(p.name for p in (cut_dir / "store").iterdir()) == sorted(listed)  # nothing stale left
 
 
 def test_two_processes_on_the_disk_store_match_one_process_on_the_memory_store(tmp_path):

@@ -159,5 +159,5 @@ def test_one_and_two_processes_identical_with_dp_attackers_and_dropout(tmp_path)
     assert res1["rounds"][-1]["epsilon"] == pytest.approx(20, rel=1e-3)
     ck1, ck2 = load_checkpoint(one / "checkpoint.pt"), load_checkpoint(two / "checkpoint.pt")
     assert torch.equal(ck1["server"]["global_state"]["ctx"], ck2["server"]["global_state"]["ctx"])
-    for cid, entry in ck1["server"]["extras"]["pool"].items():
-        assert torch.equal(entry["ctx"], ck2["server"]["extras"]["pool"][cid]["ctx"])
+    for cid, entry in ck1["server"]["client_records"].items():
+        assert torch.equal(entry["ctx"], ck2["server"]["client_records"][cid]["ctx"])

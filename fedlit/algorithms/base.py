@@ -75,10 +75,16 @@ class Algorithm(abc.ABC):
         own = entry.state if entry is not None else initial
         return ClientPlan(start=with_params(own, {PROMPT: server.global_state[GLOBAL_PROMPT]}))
 
+    def plan_round(self, server: ServerState, entries: dict[int, StoreEntry | None],
+                   initial: ClientState) -> dict[int, ClientPlan]:
+        """The plans of a round's clients (client id -> its store entry): :meth:`plan` for each by default; a method
+        overrides it to share work across the round's clients (pFedMoAP's nearest-neighbour search)."""
+        return {cid: self.plan(server, cid, entry, initial) for cid, entry in entries.items()}
+
     def aggregate(self, server: ServerState, uploads: dict[int, Upload], sizes: dict[int, int]) -> ServerState:
         """New server state from this round's uploads (client id -> upload) and train sizes; pure math."""
         return ServerState(global_state=dict(server.global_state), extras=dict(server.extras),
-                           round=server.round + 1)
+                           round=server.round + 1, client_records=dict(server.client_records))
 
     def keep(self, plan: ClientPlan) -> dict[str, Any]:
         """What the client store keeps of a trained client's plan for its later evaluation (none by default)."""

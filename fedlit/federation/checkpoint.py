@@ -4,28 +4,31 @@ A checkpoint file is one header line ``fedlit-checkpoint <format> <sha256 of the
 ``torch.save`` of plain containers and tensors that is loaded with ``weights_only=True``. A file whose bytes
 changed (a flipped bit inside a tensor, a truncated copy) fails the hash and is refused in one line.
 
-With the memory store the body holds every client's entry. With the disk store (:class:`DiskStore`) it holds the
-store's manifest instead (``shards``: shard -> current file; ``shard_index``: shard -> client ids): the shard files
-are written first, by :meth:`DiskStore.commit`, and this small main file last, so that it only ever lists complete
-files; a round's checkpoint then writes only the shards of the round's clients.
+With the memory store the body holds every client's entry and the server's per-client records. With the disk
+store (:class:`DiskStore`) it holds manifests instead, as int64 tensors (``shards``: each shard's current version
+and the clients stored; ``records``: the same for the server's per-client records, :class:`RecordTable`): the
+shard files are written first, by :meth:`DiskStore.commit`, and this small main file last, so that it only ever
+lists complete files. A round's checkpoint then writes the shards of the round's clients and records and a main
+file of 48 bytes per client that has ever trained (with one-client shards) besides the run's history.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fedlit.errors import UserError
-from fedlit.federation.store import ClientStore, DiskStore, MemoryStore
+from fedlit.federation.store import ClientStore, DiskStore, MemoryStore, RecordTable
 from fedlit.io import atomic_write
 from fedlit.state import ServerState, StoreEntry
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAGIC = b"fedlit-checkpoint"
 
 
@@ -37,6 +40,7 @@ class RunState:
     store: ClientStore = field(default_factory=MemoryStore)
     history: list[dict] = field(default_factory=list)  # one metrics row per evaluated round
     per_client: list[dict] = field(default_factory=list)  # {"round": r, "accuracy": [per-client accuracy]}
+    records: RecordTable | None = None  # the server's per-client records on disk (with a disk store only)
 
 
 @dataclass(frozen=True)
@@ -49,14 +53,14 @@ class Identity:
 
 
 def save_checkpoint(path: Path, state: RunState, identity: Identity) -> None:
-    """Write ``state`` to ``path`` atomically, with its identity and a SHA-256 of the body (a disk store must have
-    been committed: its manifest is written, not its entries)."""
+    """Write ``state`` to ``path`` atomically, with its identity and a SHA-256 of the body (a disk store and its
+    record table must have been committed: their manifests are written, not their entries)."""
     payload = {
         "algorithm": identity.algorithm,
         "config_digest": identity.config_digest,
         "partition_digest": identity.partition_digest,
-        "server": state.server.to_dict(),
-        **store_payload(state.store),
+        "server": state.server.to_dict(records=state.records is None),
+        **store_payload(state.store, state.records),
         "history": state.history,
         "per_client": state.per_client,
     }
@@ -67,13 +71,43 @@ def save_checkpoint(path: Path, state: RunState, identity: Identity) -> None:
     atomic_write(path, header + body)
 
 
-def store_payload(store: ClientStore) -> dict:
-    """What the main checkpoint file holds of ``store``: every entry (memory) or the manifest (disk)."""
+def checkpoint_round(run_dir: Path, state: RunState, identity: Identity, write: bool = True,
+                     barrier: Callable[[], None] | None = None) -> None:
+    """The checkpoint of a finished round in ``run_dir`` (``write``: this process writes; every process of a run
+    calls it). A disk store first writes the shards of the round's clients and of the server records that changed
+    (every process computes the same manifests), then the main file lists them; once every process has passed
+    ``barrier``, the writer deletes the shard versions no longer listed."""
+    store, records = state.store, state.records
     if isinstance(store, DiskStore):
-        if store.pending:
-            raise RuntimeError("commit the disk store before writing the checkpoint")
-        return {"shards": dict(store.manifest), "shard_index": {s: list(c) for s, c in store.index.items()}}
+        store.commit(state.server.round, write=write)
+        records.put_changed(state.server.client_records)
+        records.commit(state.server.round, write=write)
+    if write:
+        save_checkpoint(Path(run_dir) / CHECKPOINT_NAME, state, identity)
+    if isinstance(store, DiskStore):
+        if barrier is not None:
+            barrier()
+        if write:
+            store.remove_unlisted()
+            records.remove_unlisted()
+
+
+def store_payload(store: ClientStore, records: RecordTable | None = None) -> dict:
+    """What the main checkpoint file holds of ``store``: every entry (memory), or the manifests of the store and of
+    the server's record table as int64 tensors (disk: :meth:`DiskStore.manifest_tensors`)."""
+    if isinstance(store, DiskStore):
+        if store.pending or records is None or records.pending:
+            raise RuntimeError("commit the disk store and its record table before writing the checkpoint")
+        return {"shards": store.manifest_tensors(), "records": records.manifest_tensors()}
     return {"store": {cid: store.get(cid).to_dict() for cid in store.ids()}}
+
+
+def disk_store_of(payload: dict, directory: Path, shard_size: int) -> tuple[DiskStore, RecordTable]:
+    """The disk store and the record table a checkpoint's payload lists (their files under ``directory``)."""
+    store, records = DiskStore(directory, shard_size), RecordTable(directory, shard_size)
+    store.load_manifest(payload["shards"])
+    records.load_manifest(payload["records"])
+    return store, records
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -108,7 +142,7 @@ def load_checkpoint(path: Path) -> dict:
 def restore(path: Path, identity: Identity, store_directory: Path | None = None, shard_size: int = 1) -> RunState:
     """The run state of ``path`` after checking that it was written by the same algorithm, configuration and
     partition (each mismatch is one :class:`UserError` line). A disk store's shard files are read from
-    ``store_directory`` when needed (nothing is read or removed here)."""
+    ``store_directory`` when needed, except the server's per-client records, read here (nothing is removed)."""
     payload = load_checkpoint(path)
     for key, label in (("algorithm", "algorithm"), ("config_digest", "configuration"),
                        ("partition_digest", "data partition")):
@@ -119,12 +153,16 @@ def restore(path: Path, identity: Identity, store_directory: Path | None = None,
         if "shards" in payload:
             if store_directory is None:
                 raise UserError(f"checkpoint {path} keeps its clients on disk; resume it with store.backend=disk")
-            store: ClientStore = DiskStore(store_directory, shard_size,
-                                           {int(s): str(n) for s, n in payload["shards"].items()},
-                                           {int(s): [int(c) for c in m] for s, m in payload["shard_index"].items()})
+            store, records = disk_store_of(payload, store_directory, shard_size)
+            server = ServerState.from_dict(payload["server"])
+            server.client_records = records.load_all()
         else:
-            store = MemoryStore({int(c): StoreEntry.from_dict(e) for c, e in payload["store"].items()})
-        return RunState(server=ServerState.from_dict(payload["server"]), store=store,
-                        history=list(payload["history"]), per_client=list(payload["per_client"]))
+            store, records = MemoryStore({int(c): StoreEntry.from_dict(e) for c, e in payload["store"].items()}), None
+            server = ServerState.from_dict(payload["server"])
+        return RunState(server=server, store=store, history=list(payload["history"]),
+                        per_client=list(payload["per_client"]), records=records)
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"checkpoint {path} is incomplete ({type(err).__name__}: {err}); start a new run") from None
+    except OSError as err:
+        raise UserError(f"cannot read the client store that checkpoint {path} lists ({err}); restore the store "
+                        "directory or start a new run") from None

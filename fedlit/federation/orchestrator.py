@@ -21,7 +21,7 @@ from fedlit.algorithms import Algorithm
 from fedlit.config import Config
 from fedlit.data.partition import base_classes
 from fedlit.errors import Diverged
-from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, restore, save_checkpoint
+from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, checkpoint_round, restore
 from fedlit.federation.client_data import ClientData
 from fedlit.federation.collectives import gather_uploads
 from fedlit.federation.evaluation import evaluate
@@ -34,7 +34,7 @@ from fedlit.federation.sampling import (
     surviving_clients,
 )
 from fedlit.federation.signals import STOP, Preempted
-from fedlit.federation.store import ClientStore, DiskStore, MemoryStore, choose_backend, estimated_bytes
+from fedlit.federation.store import ClientStore, DiskStore, MemoryStore, RecordTable, choose_backend, estimated_bytes
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
 from fedlit.metrics import base_novel_metrics, domain_metrics, round_metrics
 from fedlit.modules import ClientModule
@@ -140,11 +140,15 @@ class Orchestrator:
         if checkpoint.is_file():
             self._restore(checkpoint)
 
-    def _new_store(self) -> ClientStore:
-        """An empty store of the configured backend."""
+    def _new_state(self) -> RunState:
+        """The run state before round 1: the algorithm's initial server and an empty store of the configured backend
+        (on disk: with a table for the server's per-client records)."""
+        server = self.algorithm.init_server(self.initial)
         if self.store_backend == "disk":
-            return DiskStore(self.store_directory, self.cfg.store.shard_size)
-        return MemoryStore()
+            size = self.cfg.store.shard_size
+            return RunState(server=server, store=DiskStore(self.store_directory, size),
+                            records=RecordTable(self.store_directory, size))
+        return RunState(server=server, store=MemoryStore())
 
     def _restore(self, checkpoint: Path) -> RunState:
         """The run state of ``checkpoint`` (a disk store reads its shards from the store directory)."""
@@ -152,19 +156,9 @@ class Orchestrator:
         return restore(checkpoint, self.identity, self.store_directory if disk else None, self.cfg.store.shard_size)
 
     def _checkpoint(self, state: RunState) -> None:
-        """Write the round's checkpoint (rank 0). A disk store first writes the shards of the round's clients (every
-        rank computes the same manifest), then the main file lists them; once every rank has passed the barrier,
-        rank 0 deletes the shard versions no longer listed."""
-        store = state.store
-        if isinstance(store, DiskStore):
-            store.commit(state.server.round, write=self.rank == 0)
-        if self.rank == 0:
-            save_checkpoint(self.run_dir / CHECKPOINT_NAME, state, self.identity)
-        if isinstance(store, DiskStore):
-            if self.world > 1:
-                self.fabric.barrier()
-            if self.rank == 0:
-                store.remove_unlisted()
+        """Write the round's checkpoint (rank 0 writes; see :func:`~fedlit.federation.checkpoint.checkpoint_round`)."""
+        barrier = self.fabric.barrier if self.world > 1 else None
+        checkpoint_round(self.run_dir, state, self.identity, write=self.rank == 0, barrier=barrier)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -173,11 +167,12 @@ class Orchestrator:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         existed = checkpoint.is_file()  # read before any rank writes (decides the same on every rank)
-        state = RunState(server=self.algorithm.init_server(self.initial), store=self._new_store())
+        state = self._new_state()
         if resume and existed:
             state = self._restore(checkpoint)
-            if isinstance(state.store, DiskStore) and self.rank == 0:
+            if state.records is not None and self.rank == 0:
                 state.store.remove_unlisted()  # shard versions of a round whose checkpoint never completed
+                state.records.remove_unlisted()
             self._drop_unscheduled_evaluations(state)
             self.log(f"[{self.algorithm.name}] resuming after round {state.server.round} from {checkpoint}")
         if not self.algorithm.trains and not state.history:
@@ -213,11 +208,11 @@ class Orchestrator:
         r = server.round + 1
         sampled = self._sampled(r)
         if not sampled:  # every sampled client dropped out: nothing to aggregate, only the round counter moves
-            state.server = ServerState(dict(server.global_state), dict(server.extras), round=r)
+            state.server = ServerState(dict(server.global_state), dict(server.extras), r, dict(server.client_records))
             self._finish_round(state, r, None, 0, time.perf_counter() - t0)
             return
         entries = state.store.get_many(sampled)
-        plans = {cid: algorithm.plan(server, cid, entries[cid], self.initial) for cid in sampled}
+        plans = algorithm.plan_round(server, {cid: entries[cid] for cid in sampled}, self.initial)
         sizes = {c: self.data.train_size(c) for c in sampled}
         assignment = assign_to_ranks(sampled, sizes, self.world)
         local = self.trainer.train({cid: plans[cid] for cid in assignment[self.rank]}, r)
