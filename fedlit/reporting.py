@@ -128,12 +128,14 @@ def tensor_bytes(tree) -> int:
     return 0
 
 
-def memory_per_client(entries: list, initial_flat: dict, feature_bytes: int, num_clients: int) -> dict[str, int]:
-    """Bytes one simulated client costs: its stored state (parameters, optimiser state), what its algorithm keeps
-    beside it (``extras``, e.g. expert prompts) and its share of the cached image features (deterministic; no
-    process overheads). ``entries`` are store entries (:class:`~fedlit.state.StoreEntry`)."""
-    state = max((tensor_bytes(e.state.flat()) for e in entries), default=0) or tensor_bytes(initial_flat)
-    extras = max((tensor_bytes(e.extras) for e in entries), default=0)
+def memory_per_client(entry_bytes: dict[str, int], initial_flat: dict, feature_bytes: int,
+                      num_clients: int) -> dict[str, int]:
+    """Bytes one simulated client costs: its stored state (parameters, optimiser state; the initial state's before
+    any client trained), what its algorithm keeps beside it (``extras``, e.g. expert prompts) and its share of the
+    cached image features (deterministic; no process overheads). ``entry_bytes``: the largest ``state`` and
+    ``extras`` bytes of the store entries written so far (``RunState.entry_bytes``)."""
+    state = entry_bytes.get("state", 0) or tensor_bytes(initial_flat)
+    extras = entry_bytes.get("extras", 0)
     share = feature_bytes // max(num_clients, 1)
     return {"state_bytes": state, "extras_bytes": extras, "features_share_bytes": share,
             "total_bytes": state + extras + share}

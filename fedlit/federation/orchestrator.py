@@ -34,11 +34,11 @@ from fedlit.federation.sampling import (
     surviving_clients,
 )
 from fedlit.federation.signals import STOP, Preempted
-from fedlit.federation.store import ClientStore, DiskStore, MemoryStore, RecordTable, choose_backend, estimated_bytes
+from fedlit.federation.store import DiskStore, MemoryStore, RecordTable, choose_backend, estimated_bytes
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
 from fedlit.metrics import base_novel_metrics, domain_metrics, round_metrics
 from fedlit.modules import ClientModule
-from fedlit.reporting import build_results, memory_per_client, tensor_bytes, write_results
+from fedlit.reporting import build_results, memory_per_client, write_results
 from fedlit.state import ClientState, ServerState, StoreEntry, Upload
 
 
@@ -59,18 +59,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def largest_entries(store: ClientStore) -> list[StoreEntry]:
-    """The entry with the largest state and the one with the largest extras (what
-    :func:`~fedlit.reporting.memory_per_client` reads), found in one pass over the store."""
-    by_state = by_extras = None
-    for entry in store.iter_entries():
-        if by_state is None or tensor_bytes(entry.state.flat()) > tensor_bytes(by_state.state.flat()):
-            by_state = entry
-        if by_extras is None or tensor_bytes(entry.extras) > tensor_bytes(by_extras.extras):
-            by_extras = entry
-    return [e for e in (by_state, by_extras) if e is not None]
 
 
 class Orchestrator:
@@ -192,9 +180,7 @@ class Orchestrator:
                 self.stop.uninstall()
         if not existed and state.server.round == 0:  # nothing trained (zero-shot): one checkpoint all the same
             self._checkpoint(state)
-        memory = memory_per_client(largest_entries(state.store), self.initial.flat(),
-                                   self.data.cached_bytes(),
-                                   self.num_clients)
+        memory = memory_per_client(state.entry_bytes, self.initial.flat(), self.data.cached_bytes(), self.num_clients)
         self.log(f"[{self.algorithm.name}] memory per simulated client: " + ", ".join(
             f"{k.removesuffix('_bytes')} {v / 1024:.1f} KiB" for k, v in memory.items())
             + f" | peak process memory {peak_memory_bytes(self.trainer.device) / 2**20:.0f} MiB")
@@ -220,7 +206,9 @@ class Orchestrator:
                                  max(len(a) for a in assignment))
         kept = self._finite(uploads, sampled, r)
         for cid in kept:
-            state.store.put(cid, StoreEntry(uploads[cid].state, algorithm.keep(plans[cid]), last_round=r))
+            entry = StoreEntry(uploads[cid].state, algorithm.keep(plans[cid]), last_round=r)
+            state.store.put(cid, entry)
+            state.note_entry(entry)
         state.server = algorithm.aggregate(server, {c: uploads[c] for c in kept}, {c: sizes[c] for c in kept})
         loss = float(np.mean([uploads[c].loss for c in kept]))
         self._finish_round(state, r, loss, len(kept), time.perf_counter() - t0)
