@@ -32,7 +32,7 @@ def test_sigkill_mid_run_with_the_disk_store_then_resume_ends_with_identical_res
     assert "resuming after round" in resumed.stdout
     assert json.loads((cut_dir / "results.json").read_text())["rounds"] == \
         read_results(only_run_dir(tmp_path / "ref"))["rounds"]
-    tables = disk_store_of(load_checkpoint(cut_dir / "checkpoint.pt"), cut_dir / "store", 2)
+    tables = disk_store_of(load_checkpoint(cut_dir / "checkpoint.pt"), cut_dir / "store")
     listed = [name for table in tables for name in table.listed_files()]
     assert sorted(p.name for p in (cut_dir / "store").iterdir()) == sorted(listed)  # nothing stale left
 

@@ -145,7 +145,7 @@ def restored_store(run_dir, shard_size: int) -> DiskStore:
     """The disk store a finished run's checkpoint lists."""
     payload = load_checkpoint(run_dir / CHECKPOINT_NAME)
     identity = Identity(payload["algorithm"], payload["config_digest"], payload["partition_digest"])
-    return restore(run_dir / CHECKPOINT_NAME, identity, run_dir / "store", shard_size).store
+    return restore(run_dir / CHECKPOINT_NAME, identity, run_dir / "store").store
 
 
 def assert_same_store(memory: MemoryStore | dict, disk: DiskStore) -> None:
@@ -177,10 +177,10 @@ def test_disk_and_memory_stores_give_bitwise_identical_runs(tmp_path):
     # the server's pool is in its own record shards, not in the main file, and equals the memory run's
     assert "client_records" not in disk_ckpt["server"] and set(mem_ckpt["server"]["client_records"]) == {0, 1, 2, 3}
     records = restore(disk_dir / CHECKPOINT_NAME, Identity(disk_ckpt["algorithm"], disk_ckpt["config_digest"],
-                                                           disk_ckpt["partition_digest"]), disk_dir / "store", 2)
+                                                           disk_ckpt["partition_digest"]), disk_dir / "store")
     assert_same_tree(mem_ckpt["server"]["client_records"], records.server.client_records)
     # compacted: exactly the listed version of each shard is left
-    listed = [name for table in disk_store_of(disk_ckpt, disk_dir / "store", 2) for name in table.listed_files()]
+    listed = [name for table in disk_store_of(disk_ckpt, disk_dir / "store") for name in table.listed_files()]
     assert sorted(p.name for p in (disk_dir / "store").iterdir()) == sorted(listed)
 
 
@@ -206,7 +206,7 @@ def test_a_crash_between_the_shards_and_the_main_file_resumes_identically(tmp_pa
     assert resumed["rounds"] == straight["rounds"]
     assert read_results(run_dir)["rounds"] == read_results(only_run_dir(tmp_path / "straight"))["rounds"]
     final = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    listed = [name for table in disk_store_of(final, run_dir / "store", 2) for name in table.listed_files()]
+    listed = [name for table in disk_store_of(final, run_dir / "store") for name in table.listed_files()]
     assert sorted(p.name for p in (run_dir / "store").iterdir()) == sorted(listed)
 
 
@@ -218,3 +218,18 @@ def test_evaluated_rounds_are_kept_as_their_evaluated_clients_only():
     assert packed["novel"]["values"].numel() == 0 and packed["diagnostics"] is row["diagnostics"]
     assert unpack_evaluation(packed) == row  # exact: float64 holds every Python float
     assert unpack_evaluation(pack_evaluation({"round": 0, "accuracy": []})) == {"round": 0, "accuracy": []}
+
+
+@pytest.mark.parametrize("first, then", [("memory", "disk"), ("disk", "memory")])
+def test_a_run_resumes_on_the_other_backend_with_the_same_numbers(tmp_path, first, then):
+    [straight] = run_experiment(fast_config(tmp_path / "straight", *PFEDMOAP))
+    short = [*PFEDMOAP, "fed.rounds=2", f"store.backend={first}", "store.shard_size=3"]
+    run_experiment(fast_config(tmp_path / "cut", *short))
+    [resumed] = run_experiment(fast_config(tmp_path / "cut", *PFEDMOAP, f"store.backend={then}", "store.shard_size=2",
+                                           "run.resume=auto"))
+    assert resumed["rounds"] == straight["rounds"] and len(resumed["rounds"]) == 4
+    final = load_checkpoint(only_run_dir(tmp_path / "cut") / CHECKPOINT_NAME)
+    assert ("shards" in final) == (then == "disk")
+    if then == "disk":  # moved on resume: every client and record written once, shards of the configured size
+        assert final["shard_size"] == 2 and final["shards"]["clients"].tolist() == [0, 1, 2, 3]
+        assert final["records"]["clients"].tolist() == [0, 1, 2, 3]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -135,16 +135,33 @@ def store_payload(store: ClientStore, records: RecordTable | None = None) -> dic
     if isinstance(store, DiskStore):
         if store.pending or records is None or records.pending:
             raise RuntimeError("commit the disk store and its record table before writing the checkpoint")
-        return {"shards": store.manifest_tensors(), "records": records.manifest_tensors()}
+        return {"shards": store.manifest_tensors(), "records": records.manifest_tensors(),
+                "shard_size": store.shard_size}
     return {"store": {cid: store.get(cid).to_dict() for cid in store.ids()}}
 
 
-def disk_store_of(payload: dict, directory: Path, shard_size: int) -> tuple[DiskStore, RecordTable]:
+def disk_store_of(payload: dict, directory: Path) -> tuple[DiskStore, RecordTable]:
     """The disk store and the record table a checkpoint's payload lists (their files under ``directory``)."""
+    shard_size = int(payload["shard_size"])
     store, records = DiskStore(directory, shard_size), RecordTable(directory, shard_size)
     store.load_manifest(payload["shards"])
     records.load_manifest(payload["records"])
     return store, records
+
+
+def with_backend(state: RunState, backend: str, directory: Path, shard_size: int) -> RunState:
+    """``state`` with its client store and the server's per-client records moved to ``backend`` (``memory`` or
+    ``disk``), so that a run can resume on the other backend; ``state`` itself when it is there already (a disk store
+    keeps the shard size its files were written with). To disk: every entry is pending and the next checkpoint
+    writes them all; to memory: every shard is read once."""
+    if (backend == "disk") == isinstance(state.store, DiskStore):
+        return state
+    if backend == "disk":
+        store = DiskStore(directory, shard_size)
+        for cid in state.store.ids():
+            store.put(cid, state.store.get(cid))
+        return replace(state, store=store, records=RecordTable(directory, shard_size))
+    return replace(state, store=MemoryStore(dict(state.store.items())), records=None)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -176,7 +193,7 @@ def load_checkpoint(path: Path) -> dict:
     return payload
 
 
-def restore(path: Path, identity: Identity, store_directory: Path | None = None, shard_size: int = 1) -> RunState:
+def restore(path: Path, identity: Identity, store_directory: Path | None = None) -> RunState:
     """The run state of ``path`` after checking that it was written by the same algorithm, configuration and
     partition (each mismatch is one :class:`UserError` line). A disk store's shard files are read from
     ``store_directory`` when needed, except the server's per-client records, read here (nothing is removed)."""
@@ -189,8 +206,8 @@ def restore(path: Path, identity: Identity, store_directory: Path | None = None,
     try:
         if "shards" in payload:
             if store_directory is None:
-                raise UserError(f"checkpoint {path} keeps its clients on disk; resume it with store.backend=disk")
-            store, records = disk_store_of(payload, store_directory, shard_size)
+                raise ValueError("the checkpoint keeps its clients on disk and no store directory was given")
+            store, records = disk_store_of(payload, store_directory)
             server = ServerState.from_dict(payload["server"])
             server.client_records = records.load_all()
         else:

@@ -31,8 +31,9 @@ from fedlit.reporting import RunLock, comparison_table, latest_run_dir, new_run_
 from fedlit.sanity import check_zero_shot, zero_shot_accuracy
 from fedlit.threads import apply_thread_default
 
-# Keys that may differ between an interrupted run and its resumption (layout and bookkeeping, not the maths).
-RESUMABLE_KEYS = ("run", "trainer")
+# Keys that may differ between an interrupted run and its resumption (layout and bookkeeping, not the maths; the
+# client store moves to the other backend on resume).
+RESUMABLE_KEYS = ("run", "trainer", "store")
 
 
 def config_digest(cfg: Config) -> str:
@@ -49,8 +50,8 @@ def is_pretrained(cfg: Config) -> bool:
 
 def results_config(cfg: Config) -> dict:
     """The resolved configuration stored in ``results.json`` (for ``fedlit compare``): every key except the run
-    bookkeeping and the process layout (``run``, ``trainer``), which may change on resume and never change the
-    numbers, so that a resumed run writes the same file as an uninterrupted one."""
+    bookkeeping, the process layout and the client store (``run``, ``trainer``, ``store``), which may change on
+    resume and never change the numbers, so that a resumed run writes the same file as an uninterrupted one."""
     return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_KEYS}
 
 

@@ -21,7 +21,7 @@ from fedlit.algorithms import Algorithm
 from fedlit.config import Config
 from fedlit.data.partition import base_classes
 from fedlit.errors import Diverged
-from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, checkpoint_round, restore
+from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, checkpoint_round, restore, with_backend
 from fedlit.federation.client_data import ClientData
 from fedlit.federation.collectives import gather_uploads
 from fedlit.federation.evaluation import evaluate
@@ -126,7 +126,7 @@ class Orchestrator:
         configuration or partition, before anything is written there."""
         checkpoint = self.run_dir / CHECKPOINT_NAME
         if checkpoint.is_file():
-            self._restore(checkpoint)
+            restore(checkpoint, self.identity, self.store_directory)
 
     def _new_state(self) -> RunState:
         """The run state before round 1: the algorithm's initial server and an empty store of the configured backend
@@ -139,9 +139,10 @@ class Orchestrator:
         return RunState(server=server, store=MemoryStore())
 
     def _restore(self, checkpoint: Path) -> RunState:
-        """The run state of ``checkpoint`` (a disk store reads its shards from the store directory)."""
-        disk = self.store_backend == "disk"
-        return restore(checkpoint, self.identity, self.store_directory if disk else None, self.cfg.store.shard_size)
+        """The run state of ``checkpoint`` on the configured store backend (a disk store reads its shards from the
+        store directory; a run may resume on the other backend)."""
+        state = restore(checkpoint, self.identity, self.store_directory)
+        return with_backend(state, self.store_backend, self.store_directory, self.cfg.store.shard_size)
 
     def _checkpoint(self, state: RunState) -> None:
         """Write the round's checkpoint (rank 0 writes; see :func:`~fedlit.federation.checkpoint.checkpoint_round`)."""
