@@ -34,6 +34,15 @@ def test_a_seeded_subset_per_round_gives_the_full_runs_numbers_where_evaluated(t
     assert [r["acc_global"] for r in res["rounds"]] == [r["acc_global"] for r in full["rounds"]]
 
 
+def test_extending_a_finished_run_evaluates_its_old_final_round_as_a_straight_run_does(tmp_path):
+    [straight] = run_experiment(fast_config(tmp_path / "straight", *JOB, "eval.clients=2"))
+    [short] = run_experiment(fast_config(tmp_path / "ext", *JOB, "eval.clients=2", "fed.rounds=2"))
+    assert all(a is not None for a in accuracies(short)[-1])  # round 2 was final: everyone
+    [extended] = run_experiment(fast_config(tmp_path / "ext", *JOB, "eval.clients=2", "run.resume=auto"))
+    assert extended["rounds"] == straight["rounds"]
+    assert [c for c, a in enumerate(accuracies(extended)[1]) if a is not None] == evaluation_subset(0, 2, 4, 2)
+
+
 def test_sampled_evaluates_the_rounds_trained_clients(tmp_path, full):
     [res] = run_experiment(fast_config(tmp_path, *JOB, "eval.clients=sampled", "eval.final_all=false"))
     for r, (got, want) in enumerate(zip(accuracies(res), accuracies(full)), start=1):

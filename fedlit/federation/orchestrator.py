@@ -163,6 +163,7 @@ class Orchestrator:
                 state.store.remove_unlisted()  # shard versions of a round whose checkpoint never completed
                 state.records.remove_unlisted()
             self._drop_unscheduled_evaluations(state)
+            self._reevaluate_extended_final(state)
             self.log(f"[{self.algorithm.name}] resuming after round {state.server.round} from {checkpoint}")
         if not self.algorithm.trains and not state.history:
             self._evaluate_round(state, 0, loss=None, clients=0, seconds=0.0)
@@ -267,6 +268,20 @@ class Orchestrator:
         keep = [i for i, row in enumerate(state.history) if row["round"] == 0 or self._evaluated(row["round"])]
         state.history = [state.history[i] for i in keep]
         state.per_client = [state.per_client[i] for i in keep]
+
+    def _reevaluate_extended_final(self, state: RunState) -> None:
+        """A finished run extended by more rounds with ``eval.clients`` a subset: its old final round evaluated every
+        client (``eval.final_all``) where a straight run evaluates that round's subset. The restored state is that
+        round's, so evaluate it again on the subset (every rank: evaluation all-reduces)."""
+        r = state.server.round
+        if not state.history or state.history[-1]["round"] != r or r == 0 or r >= self.total_rounds:
+            return
+        chosen = self._evaluated_clients(r)
+        if chosen is None or sum(a is not None for a in state.per_client[-1]["accuracy"]) <= len(set(chosen)):
+            return  # evaluated as a straight run evaluates it
+        last = state.history.pop()
+        state.per_client.pop()
+        self._evaluate_round(state, r, loss=last["loss"], clients=last["clients"], seconds=last["seconds"])
 
     def _stop_requested(self) -> bool:
         """Whether any rank received a stop signal (one all-reduce)."""
