@@ -87,7 +87,10 @@ class Algorithm(abc.ABC):
                            round=server.round + 1, client_records=dict(server.client_records))
 
     def keep(self, plan: ClientPlan) -> dict[str, Any]:
-        """What the client store keeps of a trained client's plan for its later evaluation (none by default)."""
+        """What the client store keeps of a trained client's plan for its later evaluation (none by default). It
+        must depend on what the plan takes from the server state (``plan.extras``), not on the client's own entry:
+        every process plans every sampled client, but reads the entries of the clients it trains only (the others
+        are planned with ``entry=None``)."""
         return {}
 
     def eval_plan(self, server: ServerState, client_id: int, entry: StoreEntry | None,

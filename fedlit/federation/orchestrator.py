@@ -199,11 +199,14 @@ class Orchestrator:
             state.server = ServerState(dict(server.global_state), dict(server.extras), r, dict(server.client_records))
             self._finish_round(state, r, None, 0, time.perf_counter() - t0)
             return
-        entries = state.store.get_many(sampled)
-        plans = algorithm.plan_round(server, {cid: entries[cid] for cid in sampled}, self.initial)
         sizes = {c: self.data.train_size(c) for c in sampled}
         assignment = assign_to_ranks(sampled, sizes, self.world)
-        local = self.trainer.train({cid: plans[cid] for cid in assignment[self.rank]}, r)
+        mine = assignment[self.rank]
+        # a rank reads the entries of the clients it trains only; the others' plans (made without their entries)
+        # serve keep() alone, which depends on the server state only (see Algorithm.keep)
+        entries = state.store.get_many(mine)
+        plans = algorithm.plan_round(server, {cid: entries.get(cid) for cid in sampled}, self.initial)
+        local = self.trainer.train({cid: plans[cid] for cid in mine}, r)
         uploads = gather_uploads(self.fabric, local, self.trainer.empty_upload(self.initial),
                                  max(len(a) for a in assignment))
         kept = self._finite(uploads, sampled, r)
