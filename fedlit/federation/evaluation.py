@@ -4,7 +4,9 @@ pass and a matrix product."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,7 +17,8 @@ from fedlit.federation.store import ClientStore
 from fedlit.federation.trainer import LocalTrainer
 from fedlit.state import ClientPlan, ClientState, ServerState
 
-EVAL_CHUNK = 1024
+EVAL_CHUNK = 1024  # test samples per forward
+ENTRY_CHUNK = 256  # stored clients whose entries an evaluation holds at once
 
 
 @dataclass
@@ -31,42 +34,134 @@ class Evaluation:
     diagnostics: dict[str, list] | None = None  # name -> per client: the mean over its test images, or None
 
 
-@torch.no_grad()
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two plan values are equal, tensors bitwise (same dtype, shape, device and elements), nested dicts,
+    lists and tuples item by item, anything else by type and ``repr`` (so ``0.0`` and ``-0.0`` differ)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b or (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
+                          and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (type(a) is type(b) and a.keys() == b.keys()
+                and all(same_value(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and repr(a) == repr(b)
+
+
+def same_model(a: ClientPlan, b: ClientPlan) -> bool:
+    """Whether two plans put the same model into the module (:meth:`LocalTrainer.load` reads only the start
+    parameters and the extras; optimiser state plays no part in evaluation)."""
+    return a is b or (same_value(a.start.params, b.start.params) and same_value(a.extras, b.extras))
+
+
+class EvalModel:
+    """The trainer's module in eval mode, holding one plan at a time. Loading a plan equal in value to the one it
+    holds (:func:`same_model`) does nothing, and the class text features ``(C, D)`` are computed once per loaded
+    plan: clients that never trained usually share one plan (the global model), so N of them cost one load and
+    one text-tower pass instead of N. Every number is bitwise what loading each client's plan would give."""
+
+    def __init__(self, trainer: LocalTrainer):
+        self.trainer = trainer
+        self.plan: ClientPlan | None = None
+        self._text: Tensor | None = None
+        self._novel: tuple[int, int] | None = None
+
+    def use(self, plan: ClientPlan) -> None:
+        """Hold ``plan`` (loaded and switched to eval mode unless it is the held model already)."""
+        if self.plan is not None and same_model(self.plan, plan):
+            return
+        self.trainer.load(plan)
+        self.trainer.module.eval()
+        self.plan, self._text, self._novel = plan, None, None
+
+    @torch.no_grad()
+    def text(self) -> Tensor:
+        """Class text features ``(C, D)`` of the held plan (computed on first use)."""
+        if self._text is None:
+            with self.trainer.autocast():
+                self._text = self.trainer.module.class_text_features()
+        return self._text
+
+    @torch.no_grad()
+    def counts(self, inputs: Tensor, labels: Tensor, classes: list[int] | None = None) -> tuple[int, int]:
+        """(correct, total) of the held plan on ``inputs`` (features ``(N, D)`` or images) and ``labels (N,)``, in
+        chunks of :data:`EVAL_CHUNK`; with ``classes`` the prediction is the best of those classes only (the other
+        class names are not candidates)."""
+        trainer, module = self.trainer, self.trainer.module
+        text = self.text()
+        correct = 0
+        candidates = torch.as_tensor(classes, device=trainer.device) if classes is not None else None
+        with trainer.autocast():
+            for start in range(0, len(inputs), EVAL_CHUNK):
+                x = module.image_features(inputs[start : start + EVAL_CHUNK].to(trainer.device))
+                y = labels[start : start + EVAL_CHUNK].to(trainer.device)
+                logits = module.logits_from(x, text)
+                predicted = (logits.argmax(dim=-1) if candidates is None
+                             else candidates[logits[:, candidates].argmax(-1)])
+                correct += int((predicted == y).sum())
+        return correct, len(inputs)
+
+    def novel_counts(self, inputs: Tensor, labels: Tensor, classes: list[int]) -> tuple[int, int]:
+        """:meth:`counts` on the novel test samples, which every client is evaluated on: once per held plan."""
+        if self._novel is None:
+            self._novel = self.counts(inputs, labels, classes)
+        return self._novel
+
+    @torch.no_grad()
+    def diagnostics(self, inputs: Tensor) -> dict[str, list[float]]:
+        """The module's :meth:`~fedlit.modules.base.ClientModule.diagnostics` of the held plan, averaged over
+        ``inputs`` (features or images): ``{name: [floats]}``."""
+        trainer, module = self.trainer, self.trainer.module
+        sums: dict[str, Tensor] = {}
+        with trainer.autocast():
+            for start in range(0, len(inputs), EVAL_CHUNK):
+                x = module.image_features(inputs[start : start + EVAL_CHUNK].to(trainer.device))
+                for name, value in module.diagnostics(x).items():
+                    sums[name] = sums.get(name, 0) + value.float().sum(dim=0).cpu()
+        return {name: (total / len(inputs)).reshape(-1).tolist() for name, total in sums.items()}
+
+
 def client_diagnostics(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor) -> dict[str, list[float]]:
     """The module's :meth:`~fedlit.modules.base.ClientModule.diagnostics` of the model ``plan`` describes, averaged
     over ``inputs`` (features or images): ``{name: [floats]}``."""
-    module = trainer.module
-    trainer.load(plan)
-    module.eval()
-    sums: dict[str, Tensor] = {}
-    with trainer.autocast():
-        for start in range(0, len(inputs), EVAL_CHUNK):
-            x = module.image_features(inputs[start : start + EVAL_CHUNK].to(trainer.device))
-            for name, value in module.diagnostics(x).items():
-                sums[name] = sums.get(name, 0) + value.float().sum(dim=0).cpu()
-    return {name: (total / len(inputs)).reshape(-1).tolist() for name, total in sums.items()}
+    model = EvalModel(trainer)
+    model.use(plan)
+    return model.diagnostics(inputs)
 
 
-@torch.no_grad()
 def accuracy_counts(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor, labels: Tensor,
                     classes: list[int] | None = None) -> tuple[int, int]:
     """(correct, total) of the model ``plan`` describes on ``inputs`` (features ``(N, D)`` or images) and
-    ``labels (N,)``, in chunks of :data:`EVAL_CHUNK`; with ``classes`` the prediction is the best of those
-    classes only (the other class names are not candidates)."""
-    module = trainer.module
-    trainer.load(plan)
-    module.eval()
-    correct = 0
-    candidates = torch.as_tensor(classes, device=trainer.device) if classes is not None else None
-    with trainer.autocast():
-        text = module.class_text_features()
-        for start in range(0, len(inputs), EVAL_CHUNK):
-            x = module.image_features(inputs[start : start + EVAL_CHUNK].to(trainer.device))
-            y = labels[start : start + EVAL_CHUNK].to(trainer.device)
-            logits = module.logits_from(x, text)
-            predicted = logits.argmax(dim=-1) if candidates is None else candidates[logits[:, candidates].argmax(-1)]
-            correct += int((predicted == y).sum())
-    return correct, len(inputs)
+    ``labels (N,)`` (see :meth:`EvalModel.counts`)."""
+    model = EvalModel(trainer)
+    model.use(plan)
+    return model.counts(inputs, labels, classes)
+
+
+def client_plans(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, store: ClientStore,
+                 initial: ClientState, clients: list[int], round_index: int) -> Iterator[tuple[int, ClientPlan]]:
+    """``(client, eval plan)`` of each of ``clients``: those without a store entry first (they usually share one
+    plan, so :class:`EvalModel` loads it once), then those with one, whose entries are read :data:`ENTRY_CHUNK` at
+    a time (a disk store reads each shard of a chunk once). Plans are made one at a time, none held for the
+    others, unless the method fine-tunes before evaluation: then every plan is made and tuned first, in the order
+    of ``clients`` (seeded by (seed, round, client): the same tuned model on any rank)."""
+    stored = set(store.ids())
+    fresh = [c for c in clients if c not in stored]
+    kept = [c for c in clients if c in stored]
+    if algorithm.finetune_epochs() > 0:
+        entries = store.get_many(kept)
+        plans = {cid: algorithm.eval_plan(server, cid, entries.get(cid), initial) for cid in clients}
+        tuned = trainer.train(plans, round_index, epochs=algorithm.finetune_epochs(), stream=FINETUNE_STREAM)
+        for cid in fresh + kept:
+            yield cid, ClientPlan(start=tuned[cid].state, extras=plans[cid].extras)
+        return
+    for cid in fresh:
+        yield cid, algorithm.eval_plan(server, cid, None, initial)
+    for start in range(0, len(kept), ENTRY_CHUNK):
+        chunk = kept[start : start + ENTRY_CHUNK]
+        entries = store.get_many(chunk)
+        for cid in chunk:
+            yield cid, algorithm.eval_plan(server, cid, entries[cid], initial)
 
 
 def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, store: ClientStore,
@@ -89,25 +184,20 @@ def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, s
     candidates = range(num_clients) if clients is None else sorted(set(clients))
     mine = assign_to_ranks([c for c in candidates if c not in excluded], sizes, world)[rank]
     counts = torch.zeros(num_clients, 4, dtype=torch.float64)  # own correct, own total, novel correct, total
-    entries = store.get_many(mine)  # a disk store reads each shard once
-    plans = {cid: algorithm.eval_plan(server, cid, entries[cid], initial) for cid in mine}
-    epochs = algorithm.finetune_epochs()
-    if epochs > 0:  # seeded by (seed, round, client): the same tuned model on any rank, in any order
-        tuned = trainer.train(plans, round_index, epochs=epochs, stream=FINETUNE_STREAM)
-        plans = {cid: ClientPlan(start=tuned[cid].state, extras=plans[cid].extras) for cid in plans}
     recorded: dict[int, dict[str, list[float]]] = {}
-    for cid in mine:
-        plan = plans[cid]
-        if diagnostics and sizes[cid]:
-            index = torch.as_tensor(part.test_indices[cid], dtype=torch.long)
-            recorded[cid] = client_diagnostics(trainer, plan, data.test_inputs(index))
+    model = EvalModel(trainer)
+    for cid, plan in client_plans(trainer, algorithm, server, store, initial, mine, round_index):
+        if sizes[cid] or novel_index is not None:
+            model.use(plan)
         if sizes[cid]:
             index = torch.as_tensor(part.test_indices[cid], dtype=torch.long)
-            counts[cid, :2] = torch.tensor(accuracy_counts(trainer, plan, data.test_inputs(index),
-                                                           data.test_labels[index], base), dtype=torch.float64)
+            inputs = data.test_inputs(index)
+            if diagnostics:
+                recorded[cid] = model.diagnostics(inputs)
+            counts[cid, :2] = torch.tensor(model.counts(inputs, data.test_labels[index], base), dtype=torch.float64)
         if novel_index is not None:
-            counts[cid, 2:] = torch.tensor(accuracy_counts(trainer, plan, data.test_inputs(novel_index),
-                                                           data.test_labels[novel_index], novel), dtype=torch.float64)
+            novel_counts = model.novel_counts(data.test_inputs(novel_index), data.test_labels[novel_index], novel)
+            counts[cid, 2:] = torch.tensor(novel_counts, dtype=torch.float64)
     if world > 1:
         counts = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum").cpu()
     result = Evaluation(accuracy=_ratios(counts[:, :2]), global_accuracy=None,
