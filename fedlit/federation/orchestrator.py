@@ -303,7 +303,8 @@ class Orchestrator:
         accuracies, global_acc = result.accuracy, result.global_accuracy
         part = self.data.partition
         evaluated = range(self.num_clients) if chosen is None else sorted(set(chosen))
-        honest = [c for c in evaluated if c not in self.attacked]
+        attacked = set(self.attacked)
+        honest = [c for c in evaluated if c not in attacked]
         row = {"round": r, "clients": clients, "loss": loss, "acc_global": global_acc,
                "seconds": round(seconds + time.perf_counter() - t0, 4),
                **round_metrics([accuracies[c] for c in honest], [len(part.test_indices[c]) for c in honest]),

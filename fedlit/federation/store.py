@@ -202,13 +202,14 @@ class DiskStore(ClientStore):
     def get_many(self, cids: Iterable[int]) -> dict[int, Any | None]:
         cids = list(cids)
         out: dict[int, Any | None] = {cid: self.pending.get(cid) for cid in cids}
-        needed = sorted({self.shard_of(c) for c in cids if c not in self.pending
-                         and c in self.index.get(self.shard_of(c), ())})
-        for shard in needed:
+        by_shard: dict[int, list[int]] = {}
+        for cid in cids:
+            if cid not in self.pending and cid in self.index.get(self.shard_of(cid), ()):
+                by_shard.setdefault(self.shard_of(cid), []).append(cid)
+        for shard in sorted(by_shard):
             loaded = self.load_shard(shard)
-            for cid in cids:
-                if self.shard_of(cid) == shard and cid not in self.pending:
-                    out[cid] = loaded.get(cid)
+            for cid in by_shard[shard]:
+                out[cid] = loaded.get(cid)
         return out
 
     def put(self, cid: int, entry: Any) -> None:
