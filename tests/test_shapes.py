@@ -22,6 +22,7 @@ from fedlit.data.shapes import (
     SHAPES_TEST_SEED,
     build_shapes,
     generate_shapes,
+    render_shapes,
     shapes_captions,
 )
 from fedlit.errors import UserError
@@ -63,6 +64,13 @@ def test_generate_is_deterministic_per_seed():
     assert a.numpy().tobytes() == b.numpy().tobytes()
     assert not torch.equal(a, c)
     assert (a - c).abs().mean() > 0.05
+
+
+def test_rendering_in_chunks_changes_no_pixel():
+    labels = torch.arange(32).repeat_interleave(3)  # 96 images: chunks of 7 end mid-class and leave a remainder
+    whole = render_shapes(labels, torch.Generator().manual_seed(3), chunk=10_000)
+    assert torch.equal(render_shapes(labels, torch.Generator().manual_seed(3), chunk=7), whole)
+    assert torch.equal(generate_shapes(labels, 3), whole)
 
 
 def test_generate_shape_dtype_range():

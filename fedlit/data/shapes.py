@@ -61,15 +61,32 @@ def _check_labels(labels: Tensor) -> Tensor:
     return labels.long()
 
 
-def render_shapes(labels: Tensor, generator: torch.Generator, image_size: int = SHAPES_NATIVE_SIZE) -> Tensor:
+RENDER_CHUNK = 2048  # images whose (H, W) geometry temporaries exist at once (about 60 KiB each at 32 px)
+
+
+def render_shapes(labels: Tensor, generator: torch.Generator, image_size: int = SHAPES_NATIVE_SIZE,
+                  chunk: int = RENDER_CHUNK) -> Tensor:
     """Images ``(N, 3, image_size, image_size)`` float32 in [0, 1] for ``labels`` ``(N,)``, drawing every
-    random parameter from ``generator`` (advanced in a fixed order, so the output is reproducible)."""
+    random parameter from ``generator`` (advanced in a fixed order, so the output is reproducible). The random
+    draws are made for all images first; the per-pixel geometry then runs ``chunk`` images at a time (every
+    operation is per image, so the chunk size never changes a pixel)."""
     labels = _check_labels(labels)
     n, size = labels.numel(), image_size
+    u = torch.rand(n, 12, generator=generator)
+    fg_jitter = 0.16 * (torch.rand(n, 3, generator=generator) - 0.5)
+    out = 0.05 * torch.randn(n, 3, size, size, generator=generator)  # the pixel noise; the image is added to it
+    for start in range(0, n, max(chunk, 1)):
+        part = slice(start, start + chunk)
+        out[part] = (_render(labels[part], u[part], fg_jitter[part], size) + out[part]).clamp(0.0, 1.0)
+    return out
+
+
+def _render(labels: Tensor, u: Tensor, fg_jitter: Tensor, size: int) -> Tensor:
+    """The noiseless images ``(n, 3, size, size)`` of ``labels`` ``(n,)`` from their random parameters ``u``
+    ``(n, 12)`` and colour jitter ``(n, 3)`` (see :func:`render_shapes`)."""
+    n = labels.numel()
     color_id = labels // len(SHAPES_SHAPES)
     shape_id = labels % len(SHAPES_SHAPES)
-
-    u = torch.rand(n, 12, generator=generator)
     radius = 0.35 + 0.35 * u[:, 0]  # in grid units: the image spans [-1, 1]
     cx = (2 * u[:, 1] - 1) * (1 - radius)
     cy = (2 * u[:, 2] - 1) * (1 - radius)
@@ -77,13 +94,11 @@ def render_shapes(labels: Tensor, generator: torch.Generator, image_size: int = 
     bg_level = 0.2 + 0.5 * u[:, 4]
     grad_angle = 2 * math.pi * u[:, 5]
     grad_amp = 0.15 * u[:, 6]
-    bg_tint = 0.1 * (u[:, 7:10] - 0.5)  # (N, 3), low saturation so the background has no class colour
-    fg_jitter = 0.16 * (torch.rand(n, 3, generator=generator) - 0.5)
-    noise = 0.05 * torch.randn(n, 3, size, size, generator=generator)
+    bg_tint = 0.1 * (u[:, 7:10] - 0.5)  # (n, 3), low saturation so the background has no class colour
 
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")  # (H, W)
-    dx = gx - cx[:, None, None]  # (N, H, W)
+    dx = gx - cx[:, None, None]  # (n, H, W)
     dy = gy - cy[:, None, None]
     cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
     pu, pv = cos * dx + sin * dy, -sin * dx + cos * dy  # shape-aligned coordinates
@@ -96,16 +111,16 @@ def render_shapes(labels: Tensor, generator: torch.Generator, image_size: int = 
     triangle = torch.stack(edges).amax(0) - 0.575 * r  # equilateral, circumradius ~1.15 r
     w = 0.32 * r
     cross = torch.minimum(torch.maximum(pu.abs() - r, pv.abs() - w), torch.maximum(pv.abs() - r, pu.abs() - w))
-    sdf = torch.stack([circle, square, triangle, cross], 1)  # (N, 4, H, W)
-    sdf = sdf.gather(1, shape_id[:, None, None, None].expand(n, 1, size, size))  # (N, 1, H, W)
+    sdf = torch.stack([circle, square, triangle, cross], 1)  # (n, 4, H, W)
+    sdf = sdf.gather(1, shape_id[:, None, None, None].expand(n, 1, size, size))  # (n, 1, H, W)
     alpha = (0.5 - sdf * (size / 2.0)).clamp(0.0, 1.0)  # one-pixel anti-aliased edge
 
     palette = torch.tensor(list(SHAPES_COLORS.values()))
-    fg = (palette[color_id] + fg_jitter)[:, :, None, None]  # (N, 3, 1, 1)
+    fg = (palette[color_id] + fg_jitter)[:, :, None, None]  # (n, 3, 1, 1)
     ramp = torch.cos(grad_angle)[:, None, None] * gx + torch.sin(grad_angle)[:, None, None] * gy
     bg = (bg_level[:, None, None, None] + bg_tint[:, :, None, None]
-          + grad_amp[:, None, None, None] * ramp[:, None])  # (N, 3, H, W)
-    return (alpha * fg + (1 - alpha) * bg + noise).clamp(0.0, 1.0)
+          + grad_amp[:, None, None, None] * ramp[:, None])  # (n, 3, H, W)
+    return alpha * fg + (1 - alpha) * bg
 
 
 def generate_shapes(labels: Tensor, seed: int, image_size: int = SHAPES_NATIVE_SIZE) -> Tensor:
