@@ -33,6 +33,9 @@ def test_twenty_thousand_clients_stay_within_memory_and_checkpoint_only_the_coho
     assert row["peak_rss_bytes"] < 3 * 2**30
     # a round writes its 100 clients' shard files (one client per shard by default) and the main file
     assert 100 * STATE_BYTES < row["checkpoint_bytes"] < 120 * ENTRY_BYTES
+    # the main file: the 32 KiB global prompt and 48 bytes of manifest per stored client (the server's pool of 32 KiB
+    # per client that has trained lives in its own record shards)
+    assert row["main_file_bytes"] < 64 * 1024 + 64 * row["stored_clients"]
 
 
 # -- the real training entry point at 20,000 clients ------------------------------------------------------------------
