@@ -121,14 +121,6 @@ class EvalModel:
         return {name: (total / len(inputs)).reshape(-1).tolist() for name, total in sums.items()}
 
 
-def client_diagnostics(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor) -> dict[str, list[float]]:
-    """The module's :meth:`~fedlit.modules.base.ClientModule.diagnostics` of the model ``plan`` describes, averaged
-    over ``inputs`` (features or images): ``{name: [floats]}``."""
-    model = EvalModel(trainer)
-    model.use(plan)
-    return model.diagnostics(inputs)
-
-
 def accuracy_counts(trainer: LocalTrainer, plan: ClientPlan, inputs: Tensor, labels: Tensor,
                     classes: list[int] | None = None) -> tuple[int, int]:
     """(correct, total) of the model ``plan`` describes on ``inputs`` (features ``(N, D)`` or images) and

@@ -128,11 +128,6 @@ class ClientStore(abc.ABC):
         """The entries of ``cids`` (None where a client has none)."""
         return {cid: self.get(cid) for cid in cids}
 
-    def iter_entries(self) -> Iterator[StoreEntry]:
-        """Every entry, in client-id order."""
-        for cid in self.ids():
-            yield self.get(cid)
-
     def __len__(self) -> int:
         return len(self.ids())
 
@@ -223,11 +218,6 @@ class DiskStore(ClientStore):
                        **{c: e for c, e in self.pending.items() if self.shard_of(c) == shard}}
             for cid in sorted(entries):
                 yield cid, entries[cid]
-
-    def iter_entries(self) -> Iterator[Any]:
-        """Every entry, one shard file in memory at a time."""
-        for _, entry in self.items():
-            yield entry
 
     def ids(self) -> list[int]:
         committed = {c for members in self.index.values() for c in members}
