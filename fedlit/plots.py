@@ -67,7 +67,8 @@ def last_round_clients(runs: list[dict]) -> list[float]:
 
 def expert_attention(result: dict) -> np.ndarray | None:
     """Clients x expert slots of the last evaluated round's mean gate weights (NaN rows for clients without a
-    record, None when the run has none; slots beyond a client's experts are NaN)."""
+    record, None when the run has none; slots beyond a client's experts are NaN). The rows are every client, or
+    the round's ``evaluated_clients`` when it evaluated a subset."""
     diagnostics = result["rounds"][-1].get("diagnostics") or {}
     weights = diagnostics.get("expert_attention")
     if not weights or all(w is None for w in weights):
@@ -103,9 +104,10 @@ def draw_clients(ax: Any, groups: list[tuple[str, list[dict]]]) -> None:
     ax.grid(alpha=0.3, axis="y")
 
 
-def draw_attention(ax: Any, table: np.ndarray, title: str) -> Any:
-    """A clients x expert-slots heatmap (slot 0 is the local expert), colours spanning the weights' range and each
-    weight written in its cell when there are at most 120; returns the image for a colour bar."""
+def draw_attention(ax: Any, table: np.ndarray, title: str, clients: list[int] | None = None) -> Any:
+    """A clients x expert-slots heatmap (slot 0 is the local expert; rows labelled by ``clients``, default 0..n-1),
+    colours spanning the weights' range and each weight written in its cell when there are at most 120; returns
+    the image for a colour bar."""
     image = ax.imshow(table, aspect="auto", cmap="viridis", vmin=float(np.nanmin(table)),
                       vmax=float(np.nanmax(table)))
     ax.set(xlabel="expert slot (0 = local)", ylabel="client", title=f"{title}\n(uniform = {1 / table.shape[1]:.3g})")
@@ -116,7 +118,7 @@ def draw_attention(ax: Any, table: np.ndarray, title: str) -> Any:
                 ax.text(j, i, f"{weight:.3f}", ha="center", va="center", fontsize=6,
                         color="black" if weight > middle else "white")
     ax.set_xticks(range(table.shape[1]))
-    ax.set_yticks(range(table.shape[0]))
+    ax.set_yticks(range(table.shape[0]), [str(c) for c in (clients or range(table.shape[0]))])
     ax.tick_params(labelsize=7)
     return image
 
@@ -133,13 +135,15 @@ def draw_base_novel(ax: Any, groups: list[tuple[str, list[dict]]]) -> None:
     ax.legend(fontsize=7)
 
 
-def attention_runs(results: list[dict]) -> list[tuple[str, np.ndarray]]:
-    """(title, heatmap) of every run with recorded expert attention, sorted by method and seed."""
+def attention_runs(results: list[dict]) -> list[tuple[str, np.ndarray, list[int] | None]]:
+    """(title, heatmap, its rows' client ids or None for all) of every run with recorded expert attention, sorted
+    by method and seed."""
     found = []
     for r in sorted(results, key=lambda r: (r["algorithm"], r.get("seed", 0), r["_path"])):
         table = expert_attention(r)
         if table is not None:
-            found.append((f"{r['algorithm']} seed {r.get('seed', 0)}: expert attention", table))
+            found.append((f"{r['algorithm']} seed {r.get('seed', 0)}: expert attention", table,
+                          r["rounds"][-1].get("evaluated_clients")))
     return found
 
 
@@ -169,8 +173,8 @@ def plot_results(results: list[dict], out: str | Path) -> list[Path]:
     written += save(plt, fig, out, "clients")
     if attention:
         fig, axes = plt.subplots(1, len(attention), figsize=(4 * len(attention), 3.5), squeeze=False)
-        for ax, (title, table) in zip(axes[0], attention):
-            fig.colorbar(draw_attention(ax, table, title), ax=ax)
+        for ax, (title, table, clients) in zip(axes[0], attention):
+            fig.colorbar(draw_attention(ax, table, title, clients), ax=ax)
         written += save(plt, fig, out, "expert_attention")
     if all(r["final"].get("acc_novel_mean") for _, runs in groups for r in runs):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -180,7 +184,8 @@ def plot_results(results: list[dict], out: str | Path) -> list[Path]:
     draw_accuracy(axes[0], groups)
     draw_clients(axes[1], groups)
     if attention:
-        fig.colorbar(draw_attention(axes[2], attention[0][1], attention[0][0]), ax=axes[2])
+        title, table, clients = attention[0]
+        fig.colorbar(draw_attention(axes[2], table, title, clients), ax=axes[2])
     written += save(plt, fig, out, "overview")
     return written
 

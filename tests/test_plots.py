@@ -11,7 +11,7 @@ from PIL import Image
 
 from fedlit.command import main
 from fedlit.federation.experiment import build_job
-from fedlit.plots import expert_attention, plot_results
+from fedlit.plots import attention_runs, draw_attention, expert_attention, plot_results, pyplot
 from tests.helpers import fast_config, read_results
 
 pytest.importorskip("matplotlib")
@@ -82,3 +82,16 @@ def test_missing_matplotlib_names_the_extra(runs, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     assert main(["plot", str(runs / "promptfl"), "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("error: fedlit plot needs matplotlib: pip install 'fedlit[plots]'")
+
+
+def test_a_subset_rounds_heatmap_rows_are_labelled_by_their_clients(tmp_path):
+    diagnostics = {"expert_attention": [[0.75, 0.25], [0.5, 0.5]]}
+    result = {"algorithm": "pfedmoap", "seed": 0, "_path": str(tmp_path), "final": {},
+              "rounds": [{"round": 4, "evaluated_clients": [3, 17], "accuracy": [0.5, 1.0],
+                          "diagnostics": diagnostics}]}
+    [(title, table, clients)] = attention_runs([result])
+    assert clients == [3, 17] and np.array_equal(table, np.array([[0.75, 0.25], [0.5, 0.5]]))
+    fig, ax = pyplot().subplots()
+    draw_attention(ax, table, title, clients)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["3", "17"]
+    pyplot().close(fig)

@@ -33,6 +33,23 @@ class Evaluation:
     global_novel: float | None = None
     diagnostics: dict[str, list] | None = None  # name -> per client: the mean over its test images, or None
 
+    def record(self, round_index: int, clients: list[int] | None = None) -> dict:
+        """The per-client record of the round that ``results.json`` and checkpoints keep: N-long lists (None where
+        a client has no number) when every client was evaluated (``clients`` None); otherwise
+        ``evaluated_clients`` (ascending) and the lists of those clients only, so a round that evaluates a subset
+        of 100,000 clients costs its subset."""
+        lists = {"accuracy": self.accuracy, "novel": self.novel}
+        if clients is None:
+            out = {key: values for key, values in lists.items() if values is not None}
+            diagnostics = self.diagnostics
+        else:
+            clients = sorted(set(clients))
+            out = {"evaluated_clients": clients,
+                   **{key: [values[c] for c in clients] for key, values in lists.items() if values is not None}}
+            diagnostics = ({name: [values[c] for c in clients] for name, values in self.diagnostics.items()}
+                           if self.diagnostics is not None else None)
+        return {"round": round_index, **out, **({"diagnostics": diagnostics} if diagnostics is not None else {})}
+
 
 def same_value(a: Any, b: Any) -> bool:
     """Whether two plan values are equal, tensors bitwise (same dtype, shape, device and elements), nested dicts,

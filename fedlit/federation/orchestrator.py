@@ -279,8 +279,7 @@ class Orchestrator:
         r = state.server.round
         if not state.history or state.history[-1]["round"] != r or r == 0 or r >= self.total_rounds:
             return
-        chosen = self._evaluated_clients(r)
-        if chosen is None or sum(a is not None for a in state.per_client[-1]["accuracy"]) <= len(set(chosen)):
+        if self._evaluated_clients(r) is None or "evaluated_clients" in state.per_client[-1]:
             return  # evaluated as a straight run evaluates it
         last = state.history.pop()
         state.per_client.pop()
@@ -315,9 +314,7 @@ class Orchestrator:
         if part.client_domains is not None and domain_names:
             row["domains"] = domain_metrics(accuracies, part.client_domains, domain_names)
         state.history.append(row)
-        state.per_client.append({"round": r, "accuracy": accuracies,
-                                 **({"novel": result.novel} if result.novel is not None else {}),
-                                 **({"diagnostics": result.diagnostics} if result.diagnostics is not None else {})})
+        state.per_client.append(result.record(r, chosen))
         glob = f" | global {100 * global_acc:.2f}%" if global_acc is not None else ""
         lossed = f" | loss {loss:.4f}" if loss is not None else ""
         glob += f" | epsilon {row['epsilon']:.3g}" if "epsilon" in row else ""
