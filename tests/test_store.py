@@ -13,9 +13,7 @@ from fedlit.federation.checkpoint import (
     Identity,
     disk_store_of,
     load_checkpoint,
-    pack_evaluation,
     restore,
-    unpack_evaluation,
 )
 from fedlit.federation.experiment import run_experiment
 from fedlit.federation.store import (
@@ -208,16 +206,6 @@ def test_a_crash_between_the_shards_and_the_main_file_resumes_identically(tmp_pa
     final = load_checkpoint(run_dir / CHECKPOINT_NAME)
     listed = [name for table in disk_store_of(final, run_dir / "store") for name in table.listed_files()]
     assert sorted(p.name for p in (run_dir / "store").iterdir()) == sorted(listed)
-
-
-def test_evaluated_rounds_are_kept_as_their_evaluated_clients_only():
-    row = {"round": 3, "accuracy": [None, 0.1, None, 1 / 3, None], "novel": [None] * 5,
-           "diagnostics": {"expert_attention": [None, [0.5, 0.5], None, None, None]}}
-    packed = pack_evaluation(row)
-    assert packed["accuracy"]["clients"].tolist() == [1, 3] and packed["accuracy"]["length"] == 5
-    assert packed["novel"]["values"].numel() == 0 and packed["diagnostics"] is row["diagnostics"]
-    assert unpack_evaluation(packed) == row  # exact: float64 holds every Python float
-    assert unpack_evaluation(pack_evaluation({"round": 0, "accuracy": []})) == {"round": 0, "accuracy": []}
 
 
 @pytest.mark.parametrize("first, then", [("memory", "disk"), ("disk", "memory")])

@@ -70,7 +70,7 @@ def save_checkpoint(path: Path, state: RunState, identity: Identity) -> None:
         "server": state.server.to_dict(records=state.records is None),
         **store_payload(state.store, state.records),
         "history": state.history,
-        "per_client": [pack_evaluation(row) for row in state.per_client],
+        "per_client": state.per_client,
         "entry_bytes": state.entry_bytes,
     }
     buffer = io.BytesIO()
@@ -78,34 +78,6 @@ def save_checkpoint(path: Path, state: RunState, identity: Identity) -> None:
     body = buffer.getvalue()
     header = b"%s %d %s\n" % (MAGIC, FORMAT_VERSION, hashlib.sha256(body).hexdigest().encode())
     atomic_write(path, header + body)
-
-
-PER_CLIENT_LISTS = ("accuracy", "novel")  # per-client lists of an evaluated round: None where not evaluated
-
-
-def pack_evaluation(row: dict) -> dict:
-    """An evaluated round's per-client row with its per-client lists (``accuracy``, ``novel``: N floats or None)
-    as the evaluated clients only: ``{"length": N, "clients": (E,) int64, "values": (E,) float64}``, so that a
-    round evaluating a subset of 100,000 clients costs its subset, not N. Exact (float64 holds a Python float)."""
-    out = dict(row)
-    for key in PER_CLIENT_LISTS:
-        if key in row:
-            present = [c for c, v in enumerate(row[key]) if v is not None]
-            out[key] = {"length": len(row[key]), "clients": torch.tensor(present, dtype=torch.int64),
-                        "values": torch.tensor([row[key][c] for c in present], dtype=torch.float64)}
-    return out
-
-
-def unpack_evaluation(row: dict) -> dict:
-    """Inverse of :func:`pack_evaluation`."""
-    out = dict(row)
-    for key in PER_CLIENT_LISTS:
-        if key in row:
-            values: list[float | None] = [None] * int(row[key]["length"])
-            for cid, value in zip(row[key]["clients"].tolist(), row[key]["values"].tolist()):
-                values[cid] = value
-            out[key] = values
-    return out
 
 
 def checkpoint_round(run_dir: Path, state: RunState, identity: Identity, write: bool = True,
@@ -214,7 +186,7 @@ def restore(path: Path, identity: Identity, store_directory: Path | None = None)
             store, records = MemoryStore({int(c): StoreEntry.from_dict(e) for c, e in payload["store"].items()}), None
             server = ServerState.from_dict(payload["server"])
         return RunState(server=server, store=store, history=list(payload["history"]),
-                        per_client=[unpack_evaluation(row) for row in payload["per_client"]], records=records,
+                        per_client=list(payload["per_client"]), records=records,
                         entry_bytes=dict(payload["entry_bytes"]))
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"checkpoint {path} is incomplete ({type(err).__name__}: {err}); start a new run") from None
