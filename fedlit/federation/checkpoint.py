@@ -53,11 +53,14 @@ class RunState:
 
 @dataclass(frozen=True)
 class Identity:
-    """What a checkpoint must match to be resumed: the algorithm, the configuration and the data partition."""
+    """What a checkpoint must match to be resumed: the algorithm, the configuration, the data partition and the
+    numerics (``{"precision": .., "accelerator": ..}``; checkpoints written before they were recorded, and an empty
+    ``numerics``, match any)."""
 
     algorithm: str
     config_digest: str
     partition_digest: str
+    numerics: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 def save_checkpoint(path: Path, state: RunState, identity: Identity) -> None:
@@ -67,6 +70,7 @@ def save_checkpoint(path: Path, state: RunState, identity: Identity) -> None:
         "algorithm": identity.algorithm,
         "config_digest": identity.config_digest,
         "partition_digest": identity.partition_digest,
+        "numerics": identity.numerics,
         "server": state.server.to_dict(records=state.records is None),
         **store_payload(state.store, state.records),
         "history": state.history,
@@ -165,6 +169,10 @@ def load_checkpoint(path: Path) -> dict:
     return payload
 
 
+def _numerics_text(numerics: dict[str, str]) -> str:
+    return f"precision {numerics.get('precision')} on {numerics.get('accelerator')}"
+
+
 def restore(path: Path, identity: Identity, store_directory: Path | None = None) -> RunState:
     """The run state of ``path`` after checking that it was written by the same algorithm, configuration and
     partition (each mismatch is one :class:`UserError` line). A disk store's shard files are read from
@@ -175,6 +183,12 @@ def restore(path: Path, identity: Identity, store_directory: Path | None = None)
         if payload.get(key) != getattr(identity, key):
             raise UserError(f"checkpoint {path} was written with a different {label}; start a new run "
                             "(run.resume=null) or use the original configuration")
+    written = payload.get("numerics") or {}
+    if written and identity.numerics and written != identity.numerics:
+        raise UserError(f"checkpoint {path} was computed with {_numerics_text(written)}, this run would continue "
+                        f"with {_numerics_text(identity.numerics)}; resume with trainer.precision="
+                        f"{written.get('precision')} on {written.get('accelerator')} or start a new run "
+                        "(run.resume=null)")
     try:
         if "shards" in payload:
             if store_directory is None:

@@ -48,11 +48,24 @@ def is_pretrained(cfg: Config) -> bool:
     return cfg.backbone.name == "shapes-clip" or (cfg.backbone.pretrained is not None)
 
 
-def results_config(cfg: Config) -> dict:
+def numerics(cfg: Config, fabric: Fabric | None) -> dict[str, str]:
+    """The two trainer settings that change a run's numbers: ``{"precision": .., "accelerator": ..}``, as the run
+    applies them. The accelerator is the device type the run computes on (``cpu``, ``cuda``, ``mps``; ``auto``
+    resolved); without Fabric a run computes in fp32 on the CPU. The process layout (devices, nodes, strategy)
+    never changes the numbers and is left out."""
+    if fabric is None:
+        return {"precision": "32-true", "accelerator": "cpu"}
+    return {"precision": cfg.trainer.precision, "accelerator": fabric.device.type}
+
+
+def results_config(cfg: Config, fabric: Fabric | None = None) -> dict:
     """The resolved configuration stored in ``results.json`` (for ``fedlit compare``): every key except the run
-    bookkeeping, the process layout and the client store (``run``, ``trainer``, ``store``), which may change on
-    resume and never change the numbers, so that a resumed run writes the same file as an uninterrupted one."""
-    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_KEYS}
+    bookkeeping, the process layout and the client store (``run``, ``store`` and of ``trainer`` all but
+    :func:`numerics`), which never change the numbers, so that a resumed run writes the same file as an
+    uninterrupted one (a resume must keep the numerics: :class:`~fedlit.federation.checkpoint.Identity`)."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_KEYS}
+    config["trainer"] = numerics(cfg, fabric)
+    return config
 
 
 def make_fabric(cfg: Config) -> Fabric:
@@ -107,9 +120,10 @@ class Job:
         algorithm, module = built or self.build(name)
         meta = meta if meta is not None else {"dataset": self.bundle.name, "config_digest": config_digest(self.cfg),
                                                "world_size": self.fabric.world_size if self.fabric else 1,
-                                               "config": results_config(self.cfg)}
+                                               "config": results_config(self.cfg, self.fabric)}
         data = self.data.for_module(module)  # e.g. patch features for a module that asks for them
-        return Orchestrator(self.cfg, algorithm, module, data, Path(run_dir), fabric=self.fabric, meta=meta)
+        return Orchestrator(self.cfg, algorithm, module, data, Path(run_dir), fabric=self.fabric, meta=meta,
+                            numerics=numerics(self.cfg, self.fabric))
 
 
 def build_job(cfg: Config, fabric: Fabric | None = None) -> Job:

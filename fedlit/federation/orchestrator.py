@@ -63,10 +63,11 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 class Orchestrator:
     """Runs one algorithm's federated job and writes ``metrics.csv``, ``results.json`` and checkpoints to
-    ``run_dir``. ``fabric`` may be None for a single process without Fabric (tests, library use)."""
+    ``run_dir``. ``fabric`` may be None for a single process without Fabric (tests, library use). ``numerics``: the
+    precision and accelerator the run computes with (a checkpoint resumes only with the same ones)."""
 
     def __init__(self, cfg: Config, algorithm: Algorithm, module: ClientModule, data: ClientData, run_dir: Path,
-                 fabric=None, meta: dict | None = None):
+                 fabric=None, meta: dict | None = None, numerics: dict[str, str] | None = None):
         self.cfg = cfg
         self.algorithm = algorithm
         self.data = data
@@ -94,7 +95,8 @@ class Orchestrator:
             self.trainer.flipped_clients = frozenset(self.attacked)
         if cfg.attack.kind != "none":
             self.meta["attacked_clients"] = list(self.attacked)
-        self.identity = Identity(algorithm.name, self.meta.get("config_digest", ""), data.partition.digest())
+        self.identity = Identity(algorithm.name, self.meta.get("config_digest", ""), data.partition.digest(),
+                                 numerics=dict(numerics or {}))
         self.stop = STOP
         self.store_backend = choose_backend(cfg.store.backend, estimated_bytes(
             self.initial.flat(), self.num_clients, cfg.optim.persistent_state), cfg.store.memory_budget_mb)
