@@ -35,13 +35,16 @@ sys.path.insert(0, str(ROOT))
 # Random backbones of the papers' sizes on shapes images resized to 224 (no downloads); a class subset of shapes
 # stands in for CIFAR-10's 10 classes.
 CONFIGS: dict[str, list[str]] = {
-    "cifar10-rn50": ["backbone.name=RN50", "data.partition=dirichlet", "data.alpha=0.5", "data.min_size=4",
+    "cifar10-rn50": ["backbone.name=RN50", "backbone.pretrained=random", "data.partition=dirichlet",
+                     "data.alpha=0.5", "data.min_size=4",
                      "data.num_clients=10", "bench.num_classes=10", "data.train_per_class=20",
                      "data.test_per_class=8"],
-    "cifar10-vitb32": ["backbone.name=ViT-B-32", "data.partition=dirichlet", "data.alpha=0.5", "data.min_size=4",
+    "cifar10-vitb32": ["backbone.name=ViT-B-32", "backbone.pretrained=random", "data.partition=dirichlet",
+                       "data.alpha=0.5", "data.min_size=4",
                        "data.num_clients=10", "bench.num_classes=10", "data.train_per_class=20",
                        "data.test_per_class=8"],
-    "pathological10-rn50": ["backbone.name=RN50", "data.partition=pathological", "data.num_clients=10",
+    "pathological10-rn50": ["backbone.name=RN50", "backbone.pretrained=random", "data.partition=pathological",
+                            "data.num_clients=10",
                             "bench.num_classes=20", "data.shots=8", "data.train_per_class=8",
                             "data.test_per_class=8"],
 }
@@ -86,7 +89,7 @@ def run_one_path(name: str, optimised: bool, rounds: int, client_batch: int) -> 
             ["perf.cache_features=false", "perf.cut_text=false", "perf.share_prefix=false",
              "perf.client_batch=1"])
     cfg = load_config(None, COMMON + overrides + perf + [f"fed.rounds={rounds}"])
-    backbone = load_backbone(cfg.backbone.name, None)
+    backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained)
     bundle = restrict_classes(build_dataset(cfg.data, backbone.preprocess), num_classes)
     partition = make_partition(bundle, cfg.data, cfg.seed)
     t0 = time.perf_counter()

@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ["algorithm=promptfl", "backbone.name=ViT-B-32", "data.num_clients=8", "data.shots=8",
+CONFIG = ["algorithm=promptfl", "backbone.name=ViT-B-32", "backbone.pretrained=random", "data.num_clients=8",
+          "data.shots=8",
           "data.train_per_class=8", "data.test_per_class=4", "prompt.n_ctx=16", "fed.local_epochs=2",
           "perf.disk_cache=true", "run.quiet=true"]
 

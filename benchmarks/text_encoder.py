@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
 import time
@@ -76,15 +75,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
-    from fedlit.backbone import load_backbone
+    from fedlit.backbone import LOCAL_NAMES, load_backbone
     from fedlit.prompts import PromptLearner, init_context
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     groups = args.groups or ([1, 4, 16, 64] if gpu else [1, 4, 16])
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that no pretrained weights were loaded
-    backbone = load_backbone(args.backbone, None, device=device)
+    weights = None if args.backbone in LOCAL_NAMES else "random"  # the papers' sizes, random: nothing downloaded
+    backbone = load_backbone(args.backbone, weights, device=device)
     names = (CLASSNAMES * (args.classes // len(CLASSNAMES) + 1))[: args.classes]
     names = [f"{n} {i}" if i >= len(CLASSNAMES) else n for i, n in enumerate(names)]
     peak = matmul_peak_tflops(device, dtype, 8192 if gpu else 2048, args.repeats)

@@ -1,7 +1,8 @@
 """The frozen open_clip CLIP that every client of a process shares.
 
-``load_backbone`` builds it from an open_clip model name plus a pretrained tag or a local weights file, from the
-offline ``shapes-clip`` recipe, or from the random ``tiny`` test configuration. :class:`Backbone` encodes images
+``load_backbone`` builds it from an open_clip model name plus a pretrained tag, a local weights file or ``random``
+(random weights, asked for by name), from the offline ``shapes-clip`` recipe, or from the random ``tiny`` test
+configuration. :class:`Backbone` encodes images
 (normalised features) and prompt embeddings (start token + context + class tokens) with end-token pooling, cutting
 text sequences after the last end token when the tower is causal (exact, and 3-4x cheaper), and can run a prefix
 shared by many sequences once (:meth:`Backbone.encode_shared_prefix`, exact for causal towers). The text-tower
@@ -30,6 +31,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
 from fedlit.clip_text import encode_text_cut, text_tower, text_tower_shared_prefix
+from fedlit.config import RANDOM_WEIGHTS, weights_needed
 from fedlit.data.base import Preprocess
 from fedlit.errors import UserError
 from fedlit.io import default_cache_dir
@@ -211,10 +213,11 @@ def load_backbone(
 
     ``name``: an open_clip model name (e.g. ``RN50-quickgelu``, ``ViT-B-16-quickgelu``, ``ViT-B-32``), ``tiny``
     (random, for tests) or ``shapes-clip`` (fedlit's offline recipe, built and cached under ``cache_dir`` on first
-    use; None: :func:`fedlit.io.default_cache_dir`). ``pretrained`` (open_clip names only): an open_clip pretrained
-    tag (``openai``, ``laion2b_s34b_b79k``), a local weights file, or None for random weights. Every bad input
-    (unknown name or tag, missing, corrupt or mismatched weights file, tag weights neither cached nor downloadable)
-    raises a one-line :class:`UserError`. ``progress``: report the one-time build of ``shapes-clip`` (a bar on a
+    use; None: :func:`fedlit.io.default_cache_dir`). ``pretrained`` (open_clip names only, where it is required): an
+    open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``), a local weights file, or ``"random"`` for random
+    weights (seeded, the same in every process). Every bad input (unknown name or tag, no ``pretrained`` for an
+    open_clip name, missing, corrupt or mismatched weights file, tag weights neither cached nor downloadable) raises
+    a one-line :class:`UserError`. ``progress``: report the one-time build of ``shapes-clip`` (a bar on a
     terminal).
     """
     if name in LOCAL_NAMES and pretrained:
@@ -234,15 +237,18 @@ def load_backbone(
             close = difflib.get_close_matches(name, known + list(LOCAL_NAMES), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
             raise UserError(f"unknown backbone '{name}'{hint}")
+        if pretrained is None:
+            raise UserError(weights_needed(name))
         model = _create_open_clip(name, pretrained)
     tokenizer = open_clip.get_tokenizer("ViT-B-32" if name in LOCAL_NAMES else name)
-    fingerprint = f"{name}:{Path(pretrained).name if pretrained else 'random'}:{_weights_digest(model)}"
+    fingerprint = f"{name}:{Path(pretrained).name if pretrained else RANDOM_WEIGHTS}:{_weights_digest(model)}"
     return Backbone(model, tokenizer, name, fingerprint, _preprocess_of(model)).to(device)
 
 
-def _create_open_clip(name: str, pretrained: str | None) -> nn.Module:
-    if pretrained is None:
-        return _random_open_clip(name)
+def _create_open_clip(name: str, pretrained: str) -> nn.Module:
+    if pretrained == RANDOM_WEIGHTS:
+        with _without_random_init_warning():  # asked for by name
+            return _random_open_clip(name)
     if _is_weights_file(pretrained):
         file = Path(pretrained).expanduser()
         if not file.is_file():

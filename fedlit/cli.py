@@ -26,7 +26,7 @@ from fedlit.federation.signals import STOP, Preempted, requeue_slurm_job
 
 MAIN_KEYS = """main keys (any key of the config can be overridden as key=value):
   algorithm=pfedmoap|promptfl|fedprox|coop_local|zeroshot|all   seed=0
-  backbone.name=shapes-clip|tiny|RN50-quickgelu|ViT-B-16-quickgelu|...  backbone.pretrained=openai|/path/to/file
+  backbone.name=shapes-clip|tiny|RN50-quickgelu|ViT-B-16-quickgelu|...  backbone.pretrained=openai|/path/to/file|random
   data.name=shapes|cifar10|cifar100|caltech101|oxford_pets|flowers102|food101|dtd|domainnet|office_caltech10
   data.root=data  data.partition=pathological|dirichlet|domain|iid  data.num_clients=10  data.alpha=0.5
   data.shots=16  fed.rounds=10  fed.frac=1.0  fed.local_epochs=5  fed.eval_every=1

@@ -14,7 +14,9 @@ paths. The rules for names and paths:
 - ``run.resume`` is null, ``auto``, or an existing writable fedlit run directory (it holds ``config.yaml`` or
   ``checkpoint.pt``); a resumed run keeps writing there.
 - ``backbone.pretrained`` is refused with the built-in backbones (``tiny``, ``shapes-clip``); one that names a file
-  (as :mod:`fedlit.backbone` decides: a path or a weights suffix) must exist.
+  (as :mod:`fedlit.backbone` decides: a path or a weights suffix) must exist. An open_clip model needs it: a tag, a
+  file, or ``random`` for random weights, asked for by name (a forgotten tag would otherwise train for hours on
+  random weights).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-t
 STRATEGIES = ("auto", "ddp")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")  # as fedlit.backbone: pretrained is a file
 BUILTIN_BACKBONES = ("tiny", "shapes-clip")  # fedlit's own weights: backbone.pretrained does not apply
+RANDOM_WEIGHTS = "random"  # backbone.pretrained of an open_clip model trained from random weights, on purpose
 MAX_INT = 2**31 - 1  # integer keys above this only overflow C code (numpy, torch) further down
 MAX_SEED = 2**32 - 1
 MAX_NAME_LENGTH = 100
@@ -80,7 +83,7 @@ class ConfigError(UserError):
 @dataclass
 class BackboneConfig:
     name: str = "shapes-clip"  # open_clip model name, "shapes-clip" (built offline) or "tiny" (random)
-    pretrained: str | None = None  # open_clip pretrained tag (e.g. "openai") or a local weights file
+    pretrained: str | None = None  # open_clip tag (e.g. "openai"), a local weights file, or "random" (open_clip only)
     cache_dir: str | None = None  # built backbones and feature caches (None: $FEDLIT_CACHE or ~/.cache/fedlit)
     sanity_check: bool = True  # pretrained backbones: stop if zero-shot accuracy is at chance (misaligned names)
 
@@ -566,6 +569,12 @@ def _check_top(cfg: Config) -> None:
     _integer("seed", cfg.seed, 0, MAX_SEED)
 
 
+def weights_needed(name: str) -> str:
+    """The one line refusing the open_clip model ``name`` without ``backbone.pretrained``."""
+    return (f"backbone.name={name} needs backbone.pretrained: an open_clip pretrained tag (e.g. openai), a local "
+            f"weights file, or {RANDOM_WEIGHTS} to train on random weights on purpose")
+
+
 def _check_backbone(b: BackboneConfig) -> None:
     _nonempty("backbone.name", b.name)
     if b.cache_dir is not None:
@@ -574,6 +583,7 @@ def _check_backbone(b: BackboneConfig) -> None:
         _check(not cache.exists() or cache.is_dir(),
                f"backbone.cache_dir={b.cache_dir!r} exists and is not a directory")
     if b.pretrained is None:
+        _check(b.name in BUILTIN_BACKBONES, weights_needed(b.name))
         return
     _check(b.pretrained.strip() != "", "backbone.pretrained must be null, an open_clip tag or a weights file "
                                        "(got '')")
@@ -583,7 +593,7 @@ def _check_backbone(b: BackboneConfig) -> None:
     if _looks_like_file(b.pretrained):
         file = _expand("backbone.pretrained", b.pretrained)
         _check(file.is_file(), f"backbone weights file not found: {file} (set backbone.pretrained to an existing "
-                               "file, an open_clip tag or null)")
+                               "file, an open_clip tag or random)")
 
 
 def _check_prompt(p: PromptConfig) -> None:

@@ -122,7 +122,7 @@ class _RunsAShellCommand:
 def test_local_weights_file_round_trip(tmp_path):
     """An open_clip model loads a local state dict (here fp16, as checkpoints often are) exactly, and the file name
     enters the fingerprint."""
-    random = load_backbone(SMALL_OPEN_CLIP)
+    random = load_backbone(SMALL_OPEN_CLIP, "random")
     state = {k: v.half() if v.is_floating_point() else v for k, v in random.model.state_dict().items()}
     state["text_projection"] = state["text_projection"] + 1  # differs from the random init that load starts from
     path = tmp_path / "small.pt"
@@ -289,6 +289,17 @@ def test_unknown_backbone_names_close_matches(name, suggestion):
     with pytest.raises(UserError, match=f"unknown backbone '{name}'") as err:
         load_backbone(name)
     assert suggestion in one_line(err)
+
+
+def test_random_weights_of_an_open_clip_model_are_asked_for_by_name():
+    with pytest.raises(UserError) as err:
+        load_backbone(SMALL_OPEN_CLIP)
+    assert one_line(err) == (f"backbone.name={SMALL_OPEN_CLIP} needs backbone.pretrained: an open_clip pretrained tag "
+                             "(e.g. openai), a local weights file, or random to train on random weights on purpose")
+    first, second = load_backbone(SMALL_OPEN_CLIP, "random"), load_backbone(SMALL_OPEN_CLIP, "random")
+    assert first.fingerprint == second.fingerprint and first.fingerprint.startswith(f"{SMALL_OPEN_CLIP}:random:")
+    for name, value in first.model.state_dict().items():  # seeded: the same random weights in every process
+        assert torch.equal(value, second.model.state_dict()[name]), name
 
 
 def test_missing_weights_file(tmp_path):

@@ -28,8 +28,9 @@ BAD_INPUTS = [
     (["algorithm=fedsgd"], "unknown algorithm 'fedsgd'"),
     (["data.name=imagenet42"], "imagenet42"),
     (["data.name=cifar10", "data.root=/nonexistent/fedlit-data"], "/nonexistent/fedlit-data"),
-    (["backbone.name=ViT-B-99"], "unknown backbone 'ViT-B-99'"),
+    (["backbone.name=ViT-B-99", "backbone.pretrained=random"], "unknown backbone 'ViT-B-99'"),
     (["backbone.name=tiny", "backbone.pretrained=/nonexistent/w.pt"], "/nonexistent/w.pt"),
+    (["backbone.name=ViT-B-16"], "backbone.name=ViT-B-16 needs backbone.pretrained: an open_clip pretrained tag"),
     (["gate.d_gate=48"], "d_gate=48"),
     (["prompt.n_ctx=0"], "prompt.n_ctx must be >= 1"),
     (["notakey"], "not of the form key=value"),
@@ -187,3 +188,24 @@ def test_sigusr1_during_start_up_stops_at_the_first_round_boundary(tmp_path, ent
     assert proc.returncode == 3, err
     assert err.strip().splitlines()[-1] == "fedlit: stopped after round 1; resume with run.resume=auto"
     assert list(tmp_path.rglob("checkpoint.pt"))
+
+
+def test_the_summary_line_comes_before_the_image_feature_cache(tmp_path, capsys, monkeypatch):
+    # Today's bug: the line appeared only after the features were cached (8 minutes for ViT-B-16 on a CPU).
+    from fedlit.federation import experiment
+
+    original = experiment.build_client_data
+
+    def caching(*args, **kwargs):
+        print("<caching image features>")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "build_client_data", caching)
+    out_dir = tmp_path / "runs"
+    assert main(FAST + [f"run.out_dir={out_dir}", f"backbone.cache_dir={cache_dir()}", "algorithm=promptfl",
+                        "fed.rounds=1", "run.quiet=false"]) == 0
+    [run_dir] = (out_dir / "default").iterdir()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"fedlit | shapes (32 classes) | 4 clients (pathological) | 1 round | promptfl | backbone "
+                         f"tiny | 1 process, 32-true | {run_dir}", "<caching image features>"]
+    assert lines[-1] == f"fedlit | results in {run_dir}"

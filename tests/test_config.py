@@ -191,17 +191,26 @@ def test_local_weights_must_exist(tmp_path):
     weights = tmp_path / "w.pt"
     assert refused(tmp_path, "backbone.name=RN50", f"backbone.pretrained={weights}") == (
         f"backbone weights file not found: {weights} (set backbone.pretrained to an existing file, an open_clip tag "
-        "or null)")
+        "or random)")
     weights.write_bytes(b"")
     assert fast(tmp_path, "backbone.name=RN50", f"backbone.pretrained={weights}").backbone.pretrained == str(weights)
     # an open_clip tag is not a file: whether it exists is the backbone's business
     assert fast(tmp_path, "backbone.name=RN50", "backbone.pretrained=openai").backbone.pretrained == "openai"
 
 
+def test_an_open_clip_model_needs_weights_or_random_by_name(tmp_path):
+    # Today's bug: ViT-B-16 without backbone.pretrained trained for minutes on random weights without a word.
+    assert refused(tmp_path, "backbone.name=ViT-B-16") == (
+        "backbone.name=ViT-B-16 needs backbone.pretrained: an open_clip pretrained tag (e.g. openai), a local weights "
+        "file, or random to train on random weights on purpose")
+    assert fast(tmp_path, "backbone.name=ViT-B-16", "backbone.pretrained=random").backbone.pretrained == "random"
+    assert fast(tmp_path, "backbone.name=tiny").backbone.pretrained is None  # the built-ins need nothing
+
+
 @pytest.mark.parametrize("name", ["tiny", "shapes-clip"])
 def test_pretrained_is_refused_with_the_built_in_backbones(tmp_path, name):
     (tmp_path / "w.pt").write_bytes(b"weights")
-    for pretrained in ("openai", tmp_path / "w.pt"):
+    for pretrained in ("openai", tmp_path / "w.pt", "random"):
         assert refused(tmp_path, f"backbone.name={name}", f"backbone.pretrained={pretrained}").startswith(
             f"backbone.pretrained={pretrained} cannot be used with the built-in backbone '{name}'")
 

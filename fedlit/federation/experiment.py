@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from lightning.fabric import Fabric
 
 from fedlit.algorithms import Algorithm, build_algorithm
 from fedlit.backbone import Backbone, load_backbone
-from fedlit.config import ALGORITHMS, Config, to_yaml
+from fedlit.config import ALGORITHMS, RANDOM_WEIGHTS, Config, to_yaml
 from fedlit.data.base import DatasetBundle
 from fedlit.data.features import FeatureCache
 from fedlit.data.partition import Partition, base_classes, make_partition, save_manifest
@@ -45,7 +46,7 @@ def config_digest(cfg: Config) -> str:
 
 def is_pretrained(cfg: Config) -> bool:
     """Whether the backbone carries trained weights (then zero-shot must beat chance)."""
-    return cfg.backbone.name == "shapes-clip" or (cfg.backbone.pretrained is not None)
+    return cfg.backbone.name == "shapes-clip" or cfg.backbone.pretrained not in (None, RANDOM_WEIGHTS)
 
 
 def numerics(cfg: Config, fabric: Fabric | None) -> dict[str, str]:
@@ -126,10 +127,13 @@ class Job:
                             numerics=numerics(self.cfg, self.fabric))
 
 
-def build_job(cfg: Config, fabric: Fabric | None = None) -> Job:
+def build_job(cfg: Config, fabric: Fabric | None = None,
+              announce: Callable[[Backbone, DatasetBundle, Partition], None] | None = None) -> Job:
     """Backbone, dataset, partition and cached features for ``cfg`` (on ``fabric.device``, CPU without Fabric).
     With several processes, rank 0 builds the backbone first so that the others only read the cache. Rank 0 of a
-    run that is not ``run.quiet`` shows bars for the backbone build and the feature caching (on a terminal)."""
+    run that is not ``run.quiet`` shows bars for the backbone build and the feature caching (on a terminal).
+    ``announce(backbone, bundle, partition)`` runs before the features are computed (the run's summary line: the
+    image-feature cache of a large backbone on a CPU can take minutes)."""
     rank = fabric.global_rank if fabric is not None else 0
     device = fabric.device if fabric is not None else torch.device("cpu")
     progress = rank == 0 and not cfg.run.quiet
@@ -146,6 +150,8 @@ def build_job(cfg: Config, fabric: Fabric | None = None) -> Job:
     bundle = build_dataset(cfg.data, backbone.preprocess)
     classes = base_classes(bundle.num_classes) if cfg.eval.protocol == "base2novel" else None
     partition = make_partition(bundle, cfg.data, cfg.seed, classes)
+    if announce is not None:
+        announce(backbone, bundle, partition)
     cache = FeatureCache(cache_dir / "features" if cfg.perf.disk_cache else None)
     data = build_client_data(cfg, backbone, bundle, partition, device, cache, progress=progress)
     return Job(cfg, backbone, bundle, partition, data, fabric)
@@ -174,8 +180,15 @@ def run_experiment(cfg: Config) -> list[dict]:
     lead = fabric.global_rank == 0
     log = echo if lead and not cfg.run.quiet else (lambda m: None)
 
-    # Everything that can fail on bad input happens before the run directory exists.
-    job = build_job(cfg, fabric)
+    # Everything that can fail on bad input happens before the run directory exists (its name is chosen first, for
+    # the summary line printed before the features are computed).
+    names = algorithms_of(cfg)
+    run_dir, resuming = _resolve_run_dir(cfg, fabric)
+
+    def announce(backbone: Backbone, bundle: DatasetBundle, partition: Partition) -> None:
+        log(summary_line(cfg, bundle, partition, backbone, fabric.world_size, names, run_dir, resuming))
+
+    job = build_job(cfg, fabric, announce)
     bundle, partition, data = job.bundle, job.partition, job.data
     zero_shot = None
     if is_pretrained(cfg) and data.test_features is not None:
@@ -186,10 +199,8 @@ def run_experiment(cfg: Config) -> list[dict]:
         if cfg.backbone.sanity_check:
             check_zero_shot(accuracy, bundle.num_classes, bundle.name)
 
-    names = algorithms_of(cfg)
     built = {name: job.build(name) for name in names}  # before the run directory exists: bad settings leave nothing
 
-    run_dir, resuming = _resolve_run_dir(cfg, fabric)
     outs = {name: run_dir / name if len(names) > 1 else run_dir for name in names}
     orchestrators = {name: job.orchestrator(outs[name], built=built[name]) for name in names}
     with ExitStack() as held:
@@ -209,7 +220,6 @@ def run_experiment(cfg: Config) -> list[dict]:
         error = fabric.broadcast(error, src=0)
         if error is not None:
             raise UserError(error)
-        log(summary_line(cfg, job, names, run_dir, resuming))
         if zero_shot is not None:
             log(zero_shot)
         results = [run_one(orchestrators[name], resuming) for name in names]
@@ -220,14 +230,14 @@ def run_experiment(cfg: Config) -> list[dict]:
     return results
 
 
-def summary_line(cfg: Config, job: Job, names: list[str], run_dir: Path, resuming: bool) -> str:
+def summary_line(cfg: Config, bundle: DatasetBundle, partition: Partition, backbone: Backbone, world: int,
+                 names: list[str], run_dir: Path, resuming: bool) -> str:
     """The one console line of a run: dataset, clients, rounds, method(s), backbone, processes, precision and run
     directory (the whole configuration is in the run directory's ``config.yaml``)."""
-    bundle, world = job.bundle, job.fabric.world_size if job.fabric is not None else 1
     methods = f"all {len(names)} methods" if cfg.algorithm == "all" else ", ".join(names)
     rounds = f"{cfg.fed.rounds} round{'s' if cfg.fed.rounds != 1 else ''}"
-    return (f"fedlit | {bundle.name} ({bundle.num_classes} classes) | {job.partition.num_clients} clients "
-            f"({cfg.data.partition}) | {rounds} | {methods} | backbone {job.backbone.name} | "
+    return (f"fedlit | {bundle.name} ({bundle.num_classes} classes) | {partition.num_clients} clients "
+            f"({cfg.data.partition}) | {rounds} | {methods} | backbone {backbone.name} | "
             f"{world} process{'es' if world > 1 else ''}, {cfg.trainer.precision} | "
             f"{'resuming ' if resuming else ''}{run_dir}")
 
