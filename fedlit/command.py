@@ -1,4 +1,4 @@
-"""The ``fedlit`` command (also ``python -m fedlit``): ``train``, ``compare``, ``plot``, ``sweep``,
+"""The ``fedlit`` command (also ``python -m fedlit``): ``train``, ``compare``, ``plot``, ``sweep``, ``slurm``,
 ``print-config`` and ``--version``.
 
 ``fedlit train`` is :func:`fedlit.cli.main` (the ``fedlit-train`` script) with its exit codes: 0 success, 1 a bug,
@@ -83,6 +83,13 @@ def sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def slurm(args: argparse.Namespace) -> int:
+    """``fedlit slurm array|run``: see :mod:`fedlit.submit`."""
+    from fedlit import submit
+
+    return submit.run(args)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})")
@@ -113,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand except ``train`` (which keeps :func:`fedlit.cli.parse_args`)."""
     from fedlit import compare as compare_module
     from fedlit import plots
+    from fedlit import submit as submit_module
 
     parser = _Parser(prog="fedlit", description="Federated prompt learning on CLIP: train, compare, plot, sweep.",
                      epilog="fedlit train --help lists the main config keys.")
@@ -131,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     plots.add_arguments(plotted)
     plotted.set_defaults(func=plot)
     _sweep_parser(sub)
+    submitted = sub.add_parser("slurm", help="submit a sweep (array) or a run to Slurm with the packaged scripts",
+                               description="sbatch with the packaged scripts; cluster settings from FEDLIT_PARTITION, "
+                                           "FEDLIT_ACCOUNT, FEDLIT_TIME, FEDLIT_MEM, FEDLIT_CPUS, FEDLIT_GPUS, logs "
+                                           "in FEDLIT_LOG_DIR (default slurm-logs).")
+    submit_module.add_arguments(submitted)
+    submitted.set_defaults(func=slurm)
     return parser
 
 

@@ -1,22 +1,35 @@
 # shellcheck shell=bash
 # Shared by slurm/array.sbatch and slurm/multinode.sbatch (sourced, not run).
 #
-# Inputs (environment): FEDLIT_ROOT (set by the sbatch script), FEDLIT_VENV (default $FEDLIT_ROOT/.venv;
-# "none" uses the python already on PATH), FEDLIT_RESUME (default "requeue": add run.resume=auto only when
-# Slurm restarted the job; "always": on every start; "never").
+# Inputs (environment): FEDLIT_ROOT (set by the sbatch script: a fedlit checkout, or any directory when fedlit is
+# pip-installed), FEDLIT_PYTHON (an interpreter with fedlit installed; `fedlit slurm` sets it to its own),
+# FEDLIT_VENV (default $FEDLIT_ROOT/.venv in a checkout, none otherwise; "none" uses what is on PATH),
+# FEDLIT_RESUME (default "requeue": add run.resume=auto only when Slurm restarted the job; "always": on every
+# start; "never").
 
 fedlit_log() {
     echo "[fedlit-slurm $(date -u +%H:%M:%S)] $*"
 }
 
-# cd to the repository, activate its virtual environment, and cap intra-op threads to the job's CPUs.
+# Whether $FEDLIT_ROOT is a fedlit source checkout (then the job runs there, with its own package first).
+fedlit_is_checkout() {
+    [[ -f "$FEDLIT_ROOT/experiments/train.py" && -d "$FEDLIT_ROOT/fedlit" ]]
+}
+
+# cd to the checkout (or stay in $FEDLIT_ROOT without one), activate a virtual environment when there is one, set
+# FEDLIT_CMD to the fedlit command, and cap intra-op threads to the job's CPUs. FEDLIT_CMD: "$FEDLIT_PYTHON -m
+# fedlit" when FEDLIT_PYTHON is set; "python -m fedlit" in a checkout (its package first on sys.path); else the
+# `fedlit` on PATH (a pip-installed package, no checkout needed).
 fedlit_setup() {
-    if [[ ! -f "$FEDLIT_ROOT/experiments/train.py" ]]; then
-        echo "error: FEDLIT_ROOT=$FEDLIT_ROOT is not the fedlit repository; submit from it or export FEDLIT_ROOT" >&2
-        exit 2
+    local default_venv=none
+    if fedlit_is_checkout; then
+        default_venv="$FEDLIT_ROOT/.venv"
     fi
-    cd "$FEDLIT_ROOT" || exit 2
-    local venv="${FEDLIT_VENV:-$FEDLIT_ROOT/.venv}"
+    cd "$FEDLIT_ROOT" || { echo "error: cannot enter FEDLIT_ROOT=$FEDLIT_ROOT" >&2; exit 2; }
+    local venv="${FEDLIT_VENV:-$default_venv}"
+    if [[ -n "${FEDLIT_PYTHON:-}" ]]; then
+        venv=none
+    fi
     if [[ "$venv" != none ]]; then
         if [[ ! -f "$venv/bin/activate" ]]; then
             echo "error: no virtual environment at $venv; run 'make setup' or export FEDLIT_VENV (or none)" >&2
@@ -25,11 +38,22 @@ fedlit_setup() {
         # shellcheck disable=SC1091
         source "$venv/bin/activate"
     fi
+    if [[ -n "${FEDLIT_PYTHON:-}" ]]; then
+        FEDLIT_CMD=("$FEDLIT_PYTHON" -m fedlit)
+    elif fedlit_is_checkout; then
+        FEDLIT_CMD=(python -m fedlit)
+    elif command -v fedlit >/dev/null; then
+        FEDLIT_CMD=(fedlit)
+    else
+        echo "error: no fedlit command on PATH; pip install fedlit, export FEDLIT_VENV or FEDLIT_PYTHON, or submit" \
+            "from a fedlit checkout" >&2
+        exit 2
+    fi
     if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
         export OMP_NUM_THREADS="$SLURM_CPUS_PER_TASK"
     fi
     fedlit_log "job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_TASK_ID:+ (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})}" \
-        "on ${SLURM_JOB_NODELIST:-$(hostname)}, restart ${SLURM_RESTART_COUNT:-0}, python $(command -v python)"
+        "on ${SLURM_JOB_NODELIST:-$(hostname)}, restart ${SLURM_RESTART_COUNT:-0}, in $PWD, ${FEDLIT_CMD[*]}"
 }
 
 # Prints "run.resume=auto" when this start should continue the newest run directory of the run's name.

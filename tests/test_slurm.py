@@ -184,6 +184,30 @@ def test_resume_override_only_after_a_restart_by_default(mode, restarts, expecte
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# fedlit slurm without Slurm: the sbatch command built from the documented variables
+# ---------------------------------------------------------------------------------------------------------------------
+def test_fedlit_slurm_builds_sbatch_from_the_documented_variables(tmp_path, monkeypatch, capsys):
+    from fedlit.command import main as fedlit
+
+    for name, value in {"FEDLIT_PARTITION": "gpu", "FEDLIT_ACCOUNT": "lab", "FEDLIT_TIME": "02:00:00",
+                        "FEDLIT_MEM": "16G", "FEDLIT_CPUS": "8", "FEDLIT_GPUS": "", "FEDLIT_LOG_DIR": "logs"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)  # no checkout here: packaged names resolve to the files shipped with fedlit
+    assert fedlit(["slurm", "array", "--max-parallel", "1", "sweeps/quickstart", "seed=3", "--dry-run"]) == 0
+    resources = "--partition=gpu --account=lab --time=02:00:00 --mem=16G --cpus-per-task=8"
+    assert capsys.readouterr().out == (f"sbatch --array=0-1%1 {resources} --output=logs/%A_%a.out {ROOT}/slurm/"
+                                       f"array.sbatch {ROOT}/configs/sweeps/quickstart.yaml seed=3\n")
+    assert fedlit(["slurm", "run", "--nodes", "2", "--tasks-per-node", "4", "--sbatch=--qos=high --gpus-per-node=4",
+                   "paper/table1_dtd", "fed.rounds=3", "--dry-run"]) == 0
+    assert capsys.readouterr().out == (f"sbatch --nodes=2 --ntasks-per-node=4 {resources} --output=logs/%x_%j.out "
+                                       f"--qos=high --gpus-per-node=4 {ROOT}/slurm/multinode.sbatch "
+                                       f"{ROOT}/configs/paper/table1_dtd.yaml fed.rounds=3\n")
+    assert not (tmp_path / "logs").exists()  # a dry run creates nothing
+    assert fedlit(["slurm", "array", "missing.yaml", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "error: sweep file not found: missing.yaml\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # A real one-node Slurm cluster
 # ---------------------------------------------------------------------------------------------------------------------
 SMALL = ["backbone.name=tiny", "gate.d_gate=16", "data.num_clients=4", "method.num_experts=2", "data.shots=4",
@@ -365,3 +389,45 @@ def test_two_task_srun_run_requeues_resumes_and_matches_one_process(cluster, wor
     reference = requeued_array_task
     assert results["partition_digest"] == reference["partition_digest"]
     assert accuracies(results) == accuracies(reference)
+
+
+@pytest.mark.slurm
+def test_installed_fedlit_without_a_checkout_runs_both_ways(cluster, work, tmp_path):
+    """Submitted from a folder that is no checkout, with a `fedlit` launcher on PATH standing in for a pip install:
+    `fedlit slurm array` with the cluster settings as variables, and plain sbatch of a copy of the scripts."""
+    elsewhere, bin_dir, copies = tmp_path / "elsewhere", tmp_path / "bin", tmp_path / "scripts"
+    for folder in (elsewhere, bin_dir, copies):
+        folder.mkdir()
+    launcher = bin_dir / "fedlit"
+    launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fedlit "$@"\n')
+    launcher.chmod(0o755)
+    for name in ("array.sbatch", "_common.sh"):
+        (copies / name).write_text((ROOT / "slurm" / name).read_text())
+    common = TINY + [f"backbone.cache_dir={work / 'cache'}"]
+    for name in ("wrapped", "copied"):  # config: the packaged default, found from outside any checkout
+        write_sweep(elsewhere / f"{name}.yaml", {"name": name, "config": "configs/default.yaml",
+                                                 "base": common + [f"run.out_dir={elsewhere / 'runs'}"],
+                                                 "cells": [["seed=1"]]})
+    env = {**cluster.env, "PATH": f"{bin_dir}{os.pathsep}{cluster.env['PATH']}", "FEDLIT_PARTITION": "test",
+           "FEDLIT_TIME": "10", "FEDLIT_CPUS": "1", "FEDLIT_MEM": "500M", "FEDLIT_LOG_DIR": "logs"}
+    done = subprocess.run(["fedlit", "slurm", "array", "wrapped.yaml"], cwd=elsewhere, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    wrapped = re.fullmatch(r"Submitted batch job (\d+)\n", done.stdout).group(1)
+    [record] = cluster.jobs(wrapped)
+    assert (record["Partition"], record["TimeLimit"], record["NumCPUs"]) == ("test", "00:10:00", "1")
+    assert record["MinMemoryNode"] == "500M"
+    copied = cluster.sbatch("--array=0", "--output=logs/%A_%a.out", str(copies / "array.sbatch"), "copied.yaml",
+                            cwd=elsewhere, env={"PATH": env["PATH"]})
+    logs = [elsewhere / "logs" / f"{job}_0.out" for job in (wrapped, copied)]
+    with explained(cluster, *logs):
+        for job in (wrapped, copied):
+            [finished] = cluster.wait_job(job, timeout=180)
+            assert (finished["JobState"], finished["ExitCode"]) == ("COMPLETED", "0:0")
+        wrapped_log, copied_log = (log.read_text() for log in logs)
+        assert f"in {elsewhere}, {sys.executable} -m fedlit" in wrapped_log  # FEDLIT_PYTHON from fedlit slurm
+        assert f"in {elsewhere}, fedlit" in copied_log  # the fedlit on PATH; _common.sh from the copied folder
+        assert "cell 0: --config configs/default.yaml" in copied_log
+        results = [results_of(elsewhere / "runs", f"{name}-0")[1] for name in ("wrapped", "copied")]
+        assert [(r["seed"], [x["round"] for x in r["rounds"]]) for r in results] == [(1, [1, 2])] * 2
+        assert accuracies(results[0]) == accuracies(results[1])  # the same cell, either way
