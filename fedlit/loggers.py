@@ -2,6 +2,12 @@
 ``<run_dir>/logs/<kind>/version_<n>/`` (a resumed run gets the next version), and Weights & Biases when it is
 installed (project ``fedlit``, its files under ``<run_dir>/logs/wandb/``).
 
+Each run carries its resolved configuration, so that runs can be filtered and grouped: TensorBoard's hyperparameters
+(the HParams tab: every config key, dotted, e.g. ``fed.rounds``, with ``algorithm`` the method that ran) and W&B's
+``config`` (nested), with the W&B run named ``<run.name>-<algorithm>-seed<seed>``, grouped by
+``<dataset>-<algorithm>`` (the seeds of one method on one dataset) and tagged with the algorithm, the dataset and
+``seed-<seed>`` (:func:`wandb_identity`).
+
 Per round they receive every number of the round's metrics row (nested ones such as ``domains`` as
 ``domains/<name>/mean``), pFedMoAP's expert attention as one scalar per expert slot (``expert_attention/slot_<i>``,
 local expert first: the mean over the clients that have that slot) when ``eval.diagnostics=true``, and on
@@ -45,11 +51,59 @@ def logger_kinds_problem(kinds: Sequence[str]) -> str | None:
     return f"run.loggers lists {', '.join(repeated)} more than once" if repeated else None
 
 
-def build_loggers(kinds: Sequence[str], root: Path, run_name: str) -> list:
-    """One Lightning logger per kind, writing under ``root/<kind>/`` (call on rank 0 only)."""
+HPARAM_METRICS = ("acc_mean", "acc_global", "acc_worst10", "loss")  # the HParams tab's metric columns
+WANDB_PROJECT = "fedlit"
+
+
+def run_config(config: dict, algorithm: str) -> dict:
+    """The resolved configuration ``config`` (nested, as ``dataclasses.asdict``) with ``algorithm`` the method that
+    runs (not ``all``)."""
+    return {**config, "algorithm": algorithm}
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
+    """``config`` as TensorBoard hyperparameters: dotted keys; numbers, booleans and strings as they are, None as
+    ``"null"``, lists as text."""
+    out: dict[str, str | int | float | bool] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, f"{prefix}{key}."))
+        elif value is None:
+            out[f"{prefix}{key}"] = "null"
+        elif isinstance(value, (bool, int, float, str)):
+            out[f"{prefix}{key}"] = value
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def wandb_identity(config: dict, algorithm: str) -> dict:
+    """W&B's ``project``, ``name``, ``group`` and ``tags`` of a run of ``algorithm`` with the resolved ``config``."""
+    dataset, seed = config["data"]["name"], config["seed"]
+    return {"project": WANDB_PROJECT, "name": f"{config['run']['name']}-{algorithm}-seed{seed}",
+            "group": f"{dataset}-{algorithm}", "tags": [algorithm, dataset, f"seed-{seed}"]}
+
+
+def log_tensorboard_hparams(logger, hparams: dict) -> None:
+    """Write ``hparams`` to a TensorBoard logger's event file for the HParams tab, with :data:`HPARAM_METRICS` as
+    its metric columns (read from the scalars the run logs; nothing is logged for them here)."""
+    try:
+        from torch.utils.tensorboard.summary import hparams as summaries
+    except ImportError:  # tensorboardX instead of tensorboard
+        from tensorboardX.summary import hparams as summaries  # type: ignore[no-redef]
+
+    writer = logger.experiment._get_file_writer()  # as Lightning's own log_hyperparams does
+    for summary in summaries(hparams, dict.fromkeys(HPARAM_METRICS, 0.0)):
+        writer.add_summary(summary)
+
+
+def build_loggers(kinds: Sequence[str], root: Path, config: dict, algorithm: str) -> list:
+    """One Lightning logger per kind, writing under ``root/<kind>/`` (call on rank 0 only), each carrying the
+    resolved ``config`` of the run of ``algorithm`` (see the module docstring)."""
     problem = logger_kinds_problem(kinds)
     if problem is not None:
         raise UserError(problem)
+    full = run_config(config, algorithm)
     loggers = []
     for kind in kinds:
         if kind == "csv":
@@ -59,11 +113,13 @@ def build_loggers(kinds: Sequence[str], root: Path, run_name: str) -> list:
         elif kind == "tensorboard":
             from lightning.fabric.loggers import TensorBoardLogger
 
-            loggers.append(TensorBoardLogger(root_dir=str(root), name="tensorboard", default_hp_metric=False))
+            logger = TensorBoardLogger(root_dir=str(root), name="tensorboard", default_hp_metric=False)
+            log_tensorboard_hparams(logger, flat_hparams(full))
+            loggers.append(logger)
         else:
             from lightning.pytorch.loggers import WandbLogger
 
-            loggers.append(WandbLogger(name=run_name, save_dir=str(root), project="fedlit"))
+            loggers.append(WandbLogger(save_dir=str(root), config=full, **wandb_identity(config, algorithm)))
     return loggers
 
 

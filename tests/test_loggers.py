@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,63 @@ def test_two_processes_print_only_the_results_line_and_log_once(tmp_path):
     assert [p.name for p in logs.iterdir()] == ["version_0"]  # the default csv logger: written once, by rank 0
     rows = list(csv.DictReader((logs / "version_0" / "metrics.csv").open()))
     assert [int(row["step"]) for row in rows] == [1, 2, 3]
+
+
+def test_tensorboard_carries_the_resolved_config_as_hparams(logged):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from fedlit.loggers import flat_hparams
+
+    events = read_tensorboard(logged / "logs" / "tensorboard" / "version_0")
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    logged_values = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    cfg = fast_config(logged.parents[1], *RUN, "run.loggers=[csv,tensorboard]")
+    expected = {**flat_hparams(asdict(cfg)), "algorithm": "pfedmoap"}
+    assert set(logged_values) == set(expected) and "fed.rounds" in expected and "privacy.clip" in expected
+    for key, value in expected.items():
+        got = logged_values[key]
+        assert (got == pytest.approx(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool)
+                else got == value), (key, got, value)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["acc_mean", "acc_global", "acc_worst10", "loss"]
+
+
+class RecordingWandbLogger:
+    """Stands in for lightning's WandbLogger (wandb is not installed): records its arguments and what it is sent."""
+
+    made: list[dict] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.metrics: list[tuple[int, dict]] = []
+        RecordingWandbLogger.made.append(self.__dict__)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def save(self) -> None:
+        pass
+
+
+def test_wandb_gets_the_config_and_a_name_group_and_tags_to_filter_by(tmp_path, monkeypatch):
+    import lightning.pytorch.loggers
+
+    from fedlit import loggers
+
+    monkeypatch.setattr(loggers, "PACKAGES", {**loggers.PACKAGES, "wandb": ()})  # as if wandb were installed
+    monkeypatch.setattr(lightning.pytorch.loggers, "WandbLogger", RecordingWandbLogger)
+    monkeypatch.setattr(RecordingWandbLogger, "made", [])
+    cfg = fast_config(tmp_path, "algorithm=all", "fed.rounds=1", "seed=3", "run.name=abl", "run.loggers=[wandb]")
+    results = run_experiment(cfg)
+    made = RecordingWandbLogger.made
+    assert [m["kwargs"]["name"] for m in made] == [f"abl-{r['algorithm']}-seed3" for r in results]
+    for record, result in zip(made, results):
+        algorithm = result["algorithm"]
+        kwargs = record["kwargs"]
+        assert {k: kwargs[k] for k in ("project", "group", "tags")} == {
+            "project": "fedlit", "group": f"shapes-{algorithm}", "tags": [algorithm, "shapes", "seed-3"]}
+        assert kwargs["config"] == {**asdict(cfg), "algorithm": algorithm}
+        assert kwargs["save_dir"] == str(only_run_dir(tmp_path, "abl") / algorithm / "logs")
+        [(step, metrics)] = record["metrics"]
+        assert step == result["rounds"][-1]["round"] and metrics["acc_mean"] == result["rounds"][-1]["acc_mean"]

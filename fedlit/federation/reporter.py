@@ -4,6 +4,7 @@ the rounds (on a terminal, see :mod:`fedlit.progress`) and the Lightning loggers
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from fedlit.config import Config
@@ -16,11 +17,11 @@ class RoundReporter:
 
     def __init__(self, cfg: Config, name: str, run_dir: Path, rank: int, total_rounds: int):
         self.name = name
+        self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.lead = rank == 0
         self.console = self.lead and not cfg.run.quiet
         self.kinds = list(cfg.run.loggers)
-        self.run_name = f"{cfg.run.name}-{name}"
         self.total_rounds = total_rounds
         self._bar = None
         self._loggers: list | None = None
@@ -53,7 +54,7 @@ class RoundReporter:
         if not self.lead or not self.kinds:
             return
         if self._loggers is None:
-            self._loggers = build_loggers(self.kinds, self.run_dir / "logs", self.run_name)
+            self._loggers = build_loggers(self.kinds, self.run_dir / "logs", asdict(self.cfg), self.name)
         log_round(self._loggers, r, round_scalars(row, diagnostics), accuracies)
 
     def close(self) -> None:
