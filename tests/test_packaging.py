@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import FAST, ROOT
 
-SOURCES = ("fedlit", "configs", "pyproject.toml", "README.md", "LICENSE")
+SOURCES = ("fedlit", "configs", "slurm", "pyproject.toml", "README.md", "LICENSE")
 
 
 def pyproject() -> dict:
@@ -64,6 +64,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     wheel = next((tmp_path / "dist").glob("fedlit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "fedlit/configs/paper/table1_dtd.yaml" in names and "fedlit/py.typed" in names
+    assert {"fedlit/slurm/array.sbatch", "fedlit/slurm/multinode.sbatch", "fedlit/slurm/_common.sh"} <= set(names)
 
     # A fresh venv from this interpreter; torch and the other dependencies are not downloaded again: after the
     # wheel is installed (--no-deps), a .pth line appends this venv's site-packages (a path line in a .pth does not
@@ -82,6 +83,10 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     assert run(fedlit, "--version", cwd=work).stdout.strip() == "fedlit 0.1.0"
     shown = run(fedlit, "print-config", "--config", "paper/table1_dtd", cwd=work).stdout
     assert "name: RN50-quickgelu" in shown and "rounds 10" in shown
+    submitted = run(fedlit, "slurm", "array", "sweeps/quickstart", "--dry-run", cwd=work).stdout.split()
+    installed = Path(where).parent
+    assert submitted[-2:] == [str(installed / "slurm" / "array.sbatch"),
+                              str(installed / "configs" / "sweeps" / "quickstart.yaml")]
     run(fedlit, "train", *FAST, "fed.rounds=1", "run.out_dir=runs", f"backbone.cache_dir={tmp_path / 'cache'}",
         cwd=work)
     assert len(list((work / "runs" / "default").glob("*/results.json"))) == 1
