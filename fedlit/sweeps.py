@@ -115,12 +115,14 @@ def _grid_cells(grid: Any, where: str) -> list[list[str]]:
 
 
 def cell_name(sweep: str, cell: list[str], index: int) -> str:
-    """The run name of cell ``index``: ``<sweep>-<its own overrides joined by ","`>`` with every character a run name
-    cannot hold (``/``, ``[``, spaces, ...) as ``_``; ``<sweep>-<index>`` for a cell without overrides, and the
-    index appended (the rest cut) when the name would exceed ``run.name``'s 100 characters."""
-    if not cell:
+    """The run name of cell ``index``: ``<sweep>-<its own overrides joined by ",">`` (but the ``run.*`` ones, which
+    say where and how a run writes, not what it computes) with every character a run name cannot hold (``/``,
+    ``[``, spaces, ...) as ``_``; ``<sweep>-<index>`` for a cell without such overrides, and the index appended
+    (the rest cut) when the name would exceed ``run.name``'s 100 characters."""
+    named = [o for o in cell if not o.startswith("run.")]
+    if not named:
         return f"{sweep}-{index}"
-    name = re.sub(r"[^A-Za-z0-9._+=,@-]", "_", f"{sweep}-{','.join(cell)}")
+    name = re.sub(r"[^A-Za-z0-9._+=,@-]", "_", f"{sweep}-{','.join(named)}")
     if len(name) > MAX_NAME_LENGTH:
         suffix = f"-{index}"
         name = name[: MAX_NAME_LENGTH - len(suffix)] + suffix

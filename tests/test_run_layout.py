@@ -67,9 +67,9 @@ def test_sweep_cells_are_named_by_their_overrides_and_log_under_the_out_dir(tmp_
     for cell in spec.cells:  # every name is a valid run.name
         assert load_config(None, FAST + cell).run.name == cell[-1].split("=", 1)[1]
     assert default_log_dir(spec) == tmp_path / "out" / "abl-logs"
-    assert cell_name("s", ["run.loggers=[csv,tensorboard]", "data.root=/data/x"], 3) == \
-        "s-run.loggers=_csv,tensorboard_,data.root=_data_x"
-    assert cell_name("s", [], 3) == "s-3"
+    assert cell_name("s", ["run.loggers=[csv,tensorboard]", "data.root=/data/x", "prompt.ctx_init=a photo"], 3) == \
+        "s-data.root=_data_x,prompt.ctx_init=a_photo"  # run.* keys say where a run writes, not what it is
+    assert cell_name("s", [], 3) == "s-3" and cell_name("s", ["run.out_dir=/x"], 4) == "s-4"
     long = cell_name("s", ["method.template=" + "x" * 120], 7)
     assert len(long) == 100 and long.endswith("-7")
     twice = tmp_path / "twice.yaml"
