@@ -83,6 +83,15 @@ def test_a_plans_extras_travel_in_the_checkpoint(tmp_path, moap_run, tiny_backbo
     assert PromptFolioClient.load_from_checkpoint(tmp_path / "global.ckpt", weights_only=True).theta == 0.0
 
 
+def test_a_run_on_the_disk_store_exports_from_its_shards(tmp_path):
+    run_experiment(fast_config(tmp_path, "algorithm=pfedmoap", "fed.rounds=2", "store.backend=disk"))
+    run_dir = only_run_dir(tmp_path)
+    assert any((run_dir / "store").glob("shard-*"))  # the clients live in shard files, not in checkpoint.pt
+    done = export_client(run_dir, 3)
+    assert done.accuracy == done.recorded == read_results(run_dir)["rounds"][-1]["accuracy"][3]
+    assert PFedMoAPClient.load_from_checkpoint(done.path, weights_only=True).num_loaded_experts == 2
+
+
 def test_fine_tuned_evaluation_is_exported_as_evaluated(tmp_path):
     run_experiment(fast_config(tmp_path, "algorithm=promptfl_ft", "fed.rounds=1"))
     run_dir = only_run_dir(tmp_path)
