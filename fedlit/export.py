@@ -27,8 +27,8 @@ import torch
 from fedlit.algorithms import Algorithm
 from fedlit.config import load_config
 from fedlit.errors import UserError
-from fedlit.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore
-from fedlit.federation.evaluation import client_plans
+from fedlit.federation.checkpoint import CHECKPOINT_NAME, RunState, load_checkpoint, restore
+from fedlit.federation.evaluation import EVAL_CHUNK, client_plans
 from fedlit.federation.experiment import build_job
 from fedlit.federation.orchestrator import Orchestrator
 from fedlit.io import atomic_write
@@ -66,9 +66,9 @@ def method_dir(run_dir: str | Path) -> tuple[Path, Path]:
     raise UserError(f"no config.yaml in {run_dir} or {run_dir.parent}: the run's configuration is needed to export")
 
 
-def client_module(run_dir: str | Path, client: int) -> tuple[ClientModule, Orchestrator, dict, int]:
+def client_module(run_dir: str | Path, client: int) -> tuple[ClientModule, Orchestrator, dict, RunState]:
     """The method's client module holding ``client``'s model as the run's last evaluation built it, the orchestrator
-    of the rebuilt job (its data and split), the plan's extras and the round of the checkpoint."""
+    of the rebuilt job (its data and split), the plan's extras and the restored run state."""
     folder, config = method_dir(run_dir)
     cfg = load_config(config, ["run.quiet=true"])
     method = str(load_checkpoint(folder / CHECKPOINT_NAME)["algorithm"])
@@ -83,7 +83,7 @@ def client_module(run_dir: str | Path, client: int) -> tuple[ClientModule, Orche
     [(_, plan)] = list(client_plans(orchestrator.trainer, algorithm, state.server, state.store, orchestrator.initial,
                                     [client], r))
     orchestrator.trainer.load(plan)
-    return orchestrator.module.eval(), orchestrator, dict(plan.extras), r
+    return orchestrator.module.eval(), orchestrator, dict(plan.extras), state
 
 
 def recorded_accuracy(per_client: list[dict], client: int) -> float | None:
@@ -115,7 +115,8 @@ def split_accuracy(module: ClientModule, orchestrator: Orchestrator, client: int
     index = torch.as_tensor(orchestrator.data.partition.test_indices[client], dtype=torch.long)
     if len(index) == 0:
         return None
-    logits = module(orchestrator.data.test_inputs(index))
+    inputs = orchestrator.data.test_inputs(index)
+    logits = torch.cat([module(inputs[i : i + EVAL_CHUNK]) for i in range(0, len(inputs), EVAL_CHUNK)])
     labels = orchestrator.data.test_labels[index]
     if orchestrator.split is not None:
         base = torch.as_tensor(orchestrator.split[0])
@@ -129,14 +130,13 @@ def export_client(run_dir: str | Path, client: int, out: str | Path | None = Non
     """Write ``client``'s personalised model of the run in ``run_dir`` (a method's folder) as a Lightning checkpoint
     at ``out`` (default ``<run_dir>/export/client-<client>.ckpt``), then load it back and measure its accuracy on
     the client's test split next to the run's record."""
-    module, orchestrator, extras, r = client_module(run_dir, client)
+    module, orchestrator, extras, state = client_module(run_dir, client)
     folder = orchestrator.run_dir
     path = Path(out) if out is not None else folder / "export" / f"client-{client}.ckpt"
     save_lightning_checkpoint(module, path, extras)
     restored = type(module).load_from_checkpoint(path, backbone=module.backbone, weights_only=True).eval()
-    per_client = load_checkpoint(folder / CHECKPOINT_NAME)["per_client"]
     return Exported(path, type(module), split_accuracy(restored, orchestrator, client),
-                    recorded_accuracy(per_client, client), r)
+                    recorded_accuracy(state.per_client, client), state.server.round)
 
 
 def _percent(value: float | None) -> str:
