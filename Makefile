@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedlit-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test test-fast lint bench clean
+.PHONY: setup quickstart quickstart-png test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,11 @@ setup: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/python experiments/train.py --config configs/default.yaml
+
+# docs/quickstart.png from the newest quickstart run (make quickstart first).
+quickstart-png: $(STAMP)
+	$(BIN)/python -m fedlit plot "$$(ls -d runs/quickstart/all-* | tail -n 1)" --out runs/quickstart-plots
+	cp runs/quickstart-plots/overview.png docs/quickstart.png
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedlit experiments tests benchmarks

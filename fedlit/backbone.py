@@ -54,14 +54,17 @@ class Backbone(nn.Module):
     """A frozen CLIP (parameters without grad, always in eval mode) plus its tokenizer.
 
     Attributes: ``feature_dim`` D (joint embedding width), ``text_width`` W, ``context_length`` (77),
-    ``preprocess`` (image size and normalisation), ``fingerprint`` (identifies name + weights; keys caches).
+    ``preprocess`` (image size and normalisation), ``fingerprint`` (identifies name + weights; keys caches),
+    ``name`` and ``pretrained`` (what :func:`load_backbone` was given).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, name: str, fingerprint: str, preprocess: Preprocess):
+    def __init__(self, model: nn.Module, tokenizer, name: str, fingerprint: str, preprocess: Preprocess,
+                 pretrained: str | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.pretrained = pretrained  # the tag or weights file it was loaded with (what load_backbone takes again)
         self.fingerprint = fingerprint
         self.preprocess = preprocess
         for p in self.model.parameters():
@@ -242,7 +245,7 @@ def load_backbone(
         model = _create_open_clip(name, pretrained)
     tokenizer = open_clip.get_tokenizer("ViT-B-32" if name in LOCAL_NAMES else name)
     fingerprint = f"{name}:{Path(pretrained).name if pretrained else RANDOM_WEIGHTS}:{_weights_digest(model)}"
-    return Backbone(model, tokenizer, name, fingerprint, _preprocess_of(model)).to(device)
+    return Backbone(model, tokenizer, name, fingerprint, _preprocess_of(model), pretrained).to(device)
 
 
 def _create_open_clip(name: str, pretrained: str) -> nn.Module:

@@ -6,7 +6,8 @@ Exit codes: 0 success (or stopped and requeued under Slurm), 2 bad input (:class
 write refused because the disk is full, read-only, over quota or not permitted): one line ``error: ...`` on
 stderr, and nothing written when the input is bad. 3 stopped by SIGUSR1/SIGTERM (resume with ``run.resume=auto``).
 4 training diverged (a non-finite loss or parameter; one line naming the round and client, the last good
-checkpoint kept).
+checkpoint kept). 130 interrupted by Ctrl-C (one line; resume with ``run.resume=auto``, and an interrupted
+``shapes-clip`` pretraining continues from its last saved step).
 Any other exception is a bug: it keeps its traceback (exit 1). ``--debug`` shows the traceback of user errors too.
 
 Only light modules are imported at the top (the stop-signal handlers go in first); the configuration, torch and
@@ -25,7 +26,7 @@ from fedlit.errors import Diverged, UserError
 from fedlit.federation.signals import STOP, Preempted, requeue_slurm_job
 
 MAIN_KEYS = """main keys (any key of the config can be overridden as key=value):
-  algorithm=pfedmoap|promptfl|fedprox|coop_local|zeroshot|all   seed=0
+  algorithm={algorithms}|all   seed=0
   backbone.name=shapes-clip|tiny|RN50-quickgelu|ViT-B-16-quickgelu|...  backbone.pretrained=openai|/path/to/file|random
   data.name=shapes|cifar10|cifar100|caltech101|oxford_pets|flowers102|food101|dtd|domainnet|office_caltech10
   data.root=data  data.partition=pathological|dirichlet|domain|iid  data.num_clients=10  data.alpha=0.5
@@ -37,7 +38,8 @@ MAIN_KEYS = """main keys (any key of the config can be overridden as key=value):
   run.loggers=[csv]|[csv,tensorboard]|[wandb]|[]   (Lightning loggers under <run dir>/logs/)
 
 run.name is one plain folder name (letters, digits, . _ - + = , @; at most 100 characters); runs are written to
-run.out_dir/run.name/<timestamp>/. Bad input prints one line and exits with code 2 before anything is written.
+run.out_dir/run.name/<algorithm>-<timestamp>/ (all-<timestamp>/<method>/ with algorithm=all). Bad input prints
+one line and exits with code 2 before anything is written.
 """
 
 # Write failures that are the machine's state, not a bug: reported as one line naming the path (exit code 2).
@@ -45,6 +47,7 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT)
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 EXIT_DIVERGED = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,11 +58,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None, prog: str = "fedlit-train") -> argparse.Namespace:
-    """The command line: ``--config``, ``--debug`` and ``key=value`` overrides (usage errors are UserErrors)."""
+    """The command line: ``--config``, ``--debug`` and ``key=value`` overrides (usage errors are UserErrors);
+    ``--help`` lists the main keys and every method."""
+    from fedlit.config import ALGORITHMS  # after the stop-signal handlers: the config module loads omegaconf
+
     parser = _Parser(
         prog=prog,
         description="Federated prompt learning on CLIP (PromptFL, pFedMoAP and baselines).",
-        epilog=MAIN_KEYS,
+        epilog=MAIN_KEYS.format(algorithms="|".join(ALGORITHMS)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", "-c", default=None,
@@ -157,9 +163,18 @@ def _report(message: str, debug: bool) -> int:
     return EXIT_BAD_INPUT
 
 
+def interrupted(resume_hint: bool = False) -> int:
+    """Ctrl-C: one line on stderr (from the first process only: every process of a run gets the SIGINT) and exit
+    code 130; the files written so far are whole (every write is atomic)."""
+    if is_first_process():
+        hint = "; resume with run.resume=auto" if resume_hint else ""
+        print(f"fedlit: interrupted (Ctrl-C){hint}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None, prog: str = "fedlit-train") -> int:
     """Entry point; returns the process exit code (see the module docstring). A stop signal from this point on is
-    recorded and honoured at the first round boundary."""
+    recorded and honoured at the first round boundary; Ctrl-C stops at once (:func:`interrupted`)."""
     STOP.install()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
@@ -167,6 +182,10 @@ def main(argv: list[str] | None = None, prog: str = "fedlit-train") -> int:
         return train(parse_args(argv, prog))
     except UserError as err:
         return _report(str(err), debug)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        return interrupted(resume_hint=True)
     finally:
         STOP.uninstall()
 

@@ -1,10 +1,11 @@
-"""The ``fedlit`` command (also ``python -m fedlit``): ``train``, ``compare``, ``plot``, ``sweep``, ``slurm``,
-``print-config`` and ``--version``.
+"""The ``fedlit`` command (also ``python -m fedlit``): ``train``, ``compare``, ``plot``, ``export``, ``sweep``,
+``slurm``, ``print-config`` and ``--version``; bare ``fedlit`` prints the help.
 
 ``fedlit train`` is :func:`fedlit.cli.main` (the ``fedlit-train`` script) with its exit codes: 0 success, 1 a bug,
-2 bad input, 3 stopped by a signal, 4 diverged. The other subcommands exit 0, or 2 with one ``error: ...`` line on
-bad input (and ``fedlit sweep run`` with the exit code of its first failing cell). Only light modules are imported
-here, so that ``fedlit train`` installs its stop-signal handlers before torch and lightning load.
+2 bad input, 3 stopped by a signal, 4 diverged, 130 Ctrl-C. The other subcommands exit 0, or 2 with one
+``error: ...`` line on bad input, 130 with one line on Ctrl-C (and ``fedlit sweep run`` with the exit code of its
+first failing cell). Only light modules are imported here, so that ``fedlit train`` installs its stop-signal
+handlers before torch and lightning load.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import sys
 
 from fedlit import __version__
-from fedlit.cli import EXIT_BAD_INPUT, one_line
+from fedlit.cli import EXIT_BAD_INPUT, interrupted, one_line
 from fedlit.errors import UserError
 
 
@@ -75,7 +76,7 @@ def sweep(args: argparse.Namespace) -> int:
     else:
         if args.jobs < 1:
             raise UserError(f"--jobs must be >= 1 (got {args.jobs})")
-        codes = sweeps.run_sweep(spec, args.jobs, args.log_dir or f"runs/{spec.name}-logs")
+        codes = sweeps.run_sweep(spec, args.jobs, args.log_dir or sweeps.default_log_dir(spec))
         failed = [i for i, code in enumerate(codes) if code != 0]
         if failed:
             print(f"error: {len(failed)} of {len(codes)} cells failed: {', '.join(map(str, failed))}", file=sys.stderr)
@@ -88,6 +89,13 @@ def slurm(args: argparse.Namespace) -> int:
     from fedlit import submit
 
     return submit.run(args)
+
+
+def export(args: argparse.Namespace) -> int:
+    """``fedlit export``: see :mod:`fedlit.export`."""
+    from fedlit import export as module
+
+    return module.run(args)
 
 
 def _positive(text: str) -> int:
@@ -112,8 +120,17 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
                                             "each with OMP_NUM_THREADS = available cores // N.")
     runner.add_argument("file")
     runner.add_argument("--jobs", "-j", type=int, default=1, help="cells at a time (default 1)")
-    runner.add_argument("--log-dir", default=None, help="one log per cell (default runs/<sweep name>-logs)")
+    runner.add_argument("--log-dir", default=None,
+                        help="one log per cell, named by its run.name (default <run.out_dir>/<sweep name>-logs)")
     parser.set_defaults(func=sweep)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``fedlit export`` (here rather than in :mod:`fedlit.export`, which loads torch)."""
+    parser.add_argument("run_dir", help="a method's run directory (the folder that holds its checkpoint.pt)")
+    parser.add_argument("--client", "-i", type=int, required=True, help="the client id (0 .. N-1)")
+    parser.add_argument("--out", default=None,
+                        help="the checkpoint file (default <run_dir>/export/client-<i>.ckpt)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,11 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fedlit import plots
     from fedlit import submit as submit_module
 
-    parser = _Parser(prog="fedlit", description="Federated prompt learning on CLIP: train, compare, plot, sweep.",
+    parser = _Parser(prog="fedlit",
+                     description="Federated prompt learning on CLIP: train, compare, plot, export, sweep.",
                      epilog="fedlit train --help lists the main config keys.")
     parser.add_argument("--version", action="version", version=f"fedlit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of bad-input errors too")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("train", help="train: fedlit train --config FILE [key=value ...] (see fedlit train --help)")
     shown = sub.add_parser("print-config", help="the resolved config as YAML and a one-line summary")
     shown.add_argument("--config", "-c", default=None, help="YAML file or packaged name (paper/table1_dtd)")
@@ -138,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     plotted = sub.add_parser("plot", help="accuracy, client spread, expert attention, base/novel figures")
     plots.add_arguments(plotted)
     plotted.set_defaults(func=plot)
+    exported = sub.add_parser("export", help="one client's trained model as a Lightning checkpoint",
+                              description="Write client i's personalised model, as fedlit evaluated it, as a "
+                                          "Lightning checkpoint of its client module (fedlit/export.py).")
+    add_export_arguments(exported)
+    exported.set_defaults(func=export)
     _sweep_parser(sub)
     submitted = sub.add_parser("slurm", help="submit a sweep (array) or a run to Slurm with the packaged scripts",
                                description="sbatch with the packaged scripts; cluster settings from FEDLIT_PARTITION, "
@@ -158,8 +181,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(argv[:first] + argv[first + 1:], prog="fedlit train")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # bare ``fedlit``: what it can do
+            parser.print_help()
+            return 0
         return args.func(args)
+    except KeyboardInterrupt:
+        return interrupted()
     except UserError as err:
         if "--debug" in flags:
             import traceback

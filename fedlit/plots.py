@@ -1,12 +1,16 @@
 """Figures of finished runs (``fedlit plot RUN_DIR... --out DIR``, needs the ``plots`` extra: matplotlib).
 
-Runs are grouped as in :mod:`fedlit.compare` (every differing config key except the seed and bookkeeping). Each
-figure is written as PNG and PDF:
+Runs are grouped as in :mod:`fedlit.compare` (every differing config key except the seed and bookkeeping) and
+labelled by their method first. Each group keeps one colour and marker in every figure (:func:`group_styles`: 11
+colours, with 9 markers distinct pairs for 99 groups), and legends sit outside the axes, right of the curves. Each
+figure is written as PNG and PDF (by default into ``plots/`` of the first run directory):
 
 - ``accuracy``: mean per-client accuracy per round of each group, the band spanning mean ± sample std over seeds;
 - ``clients``: the spread of per-client accuracies in the last round (one box per group, seeds pooled);
 - ``expert_attention``: pFedMoAP's gate weight of each expert slot per client in the last evaluated round (local
-  expert first), one panel per pFedMoAP-family run recorded with ``eval.diagnostics=true``;
+  expert first), one panel per pFedMoAP-family run recorded with ``eval.diagnostics=true``, on a diverging colour
+  scale centred on the uniform weight 1/(K+1) (white) and spanning the largest deviation from it either way; the
+  weights' range is written in the colour bar's label;
 - ``base_novel``: base, novel and HM bars per group (``eval.protocol=base2novel`` runs only);
 - ``overview``: accuracy, client spread and the first expert-attention heatmap side by side.
 """
@@ -24,6 +28,8 @@ from fedlit.errors import UserError
 
 FORMATS = ("png", "pdf")
 DPI = 90
+COLOURS = tuple(f"C{i}" for i in range(10)) + ("black",)  # tab10 and black: 11 methods, 11 colours
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")  # 9 markers: 99 distinct (colour, marker) pairs
 
 
 def pyplot() -> Any:
@@ -38,16 +44,31 @@ def pyplot() -> Any:
     return plt
 
 
-def group_label(keys: list[str], values: tuple[str, ...]) -> str:
-    """A legend label: the algorithm alone, other differing keys as ``key=value``."""
-    parts = [v if k == "algorithm" else f"{k}={v}" for k, v in zip(keys, values)]
+def group_label(keys: list[str], values: tuple[str, ...], methods: list[str] | None = None) -> str:
+    """A legend label: the method first (the ``algorithm`` value, else the runs' ``methods``), then the other
+    differing keys as ``key=value``."""
+    method = [v for k, v in zip(keys, values) if k == "algorithm"] or ["+".join(sorted(set(methods or [])))]
+    parts = [m for m in method if m] + [f"{k}={v}" for k, v in zip(keys, values) if k != "algorithm"]
     return ", ".join(parts) or "all runs"
 
 
 def labelled_groups(results: list[dict]) -> list[tuple[str, list[dict]]]:
     """(label, runs) per group of :func:`fedlit.compare.group_runs`, in sorted order."""
     keys, groups = group_runs(results)
-    return [(group_label(keys, values), runs) for values, runs in sorted(groups.items())]
+    return [(group_label(keys, values, [r["algorithm"] for r in runs]), runs)
+            for values, runs in sorted(groups.items())]
+
+
+def group_styles(count: int) -> list[tuple[str, str]]:
+    """(colour, marker) of each of ``count`` groups: the :data:`COLOURS` in turn (distinct for 11 groups), each
+    pass through them shifted by one marker, so that every (colour, marker) pair differs for up to 99 groups."""
+    n = len(COLOURS)
+    return [(COLOURS[i % n], MARKERS[(i % n + i // n) % len(MARKERS)]) for i in range(count)]
+
+
+def outside_legend(ax: Any) -> Any:
+    """The axes' legend to the right of the axes, outside the plotted area."""
+    return ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
 
 
 def round_curve(runs: list[dict], metric: str = "acc_mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -82,41 +103,65 @@ def expert_attention(result: dict) -> np.ndarray | None:
 
 
 def draw_accuracy(ax: Any, groups: list[tuple[str, list[dict]]]) -> None:
-    """Mean per-client accuracy per round of each group with a band over seeds."""
+    """Mean per-client accuracy per round of each group (its colour and marker) with a band over seeds; the legend
+    outside the axes, in the order of the groups."""
     curves = [(label, len(runs), *round_curve(runs)) for label, runs in groups]
     last = max((int(rounds.max()) for _, _, rounds, _, _ in curves if len(rounds)), default=1)
-    for label, n, rounds, mean, std in curves:
-        if len(rounds) == 1:  # evaluated once (zero-shot): a dashed level across every round
+    for (label, n, rounds, mean, std), (colour, marker) in zip(curves, group_styles(len(curves))):
+        once = len(rounds) == 1
+        if once:  # evaluated once (zero-shot): a dashed level across every round
             rounds, mean, std = np.asarray([rounds[0], max(last, rounds[0] + 1)]), mean.repeat(2), std.repeat(2)
-        line = ax.plot(rounds, mean, marker="o" if len(rounds) > 2 else None, markersize=3,
-                       linestyle="-" if len(rounds) > 2 else "--", label=f"{label} (n={n})")[0]
-        ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.plot(rounds, mean, color=colour, marker=marker, markersize=4, linestyle="--" if once else "-",
+                label=f"{label} (n={n})")
+        ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
     ax.set(xlabel="round", ylabel="mean per-client accuracy (%)", title="accuracy per round (band: ± std)")
-    ax.legend(fontsize=7)
+    outside_legend(ax)
     ax.grid(alpha=0.3)
 
 
 def draw_clients(ax: Any, groups: list[tuple[str, list[dict]]]) -> None:
-    """One box of last-round per-client accuracies per group."""
-    ax.boxplot([last_round_clients(runs) for _, runs in groups])
-    ax.set_xticks(range(1, len(groups) + 1), [label for label, _ in groups], rotation=30, ha="right", fontsize=7)
+    """One box of last-round per-client accuracies per group, in the group's colour, labelled by its method."""
+    boxes = ax.boxplot([last_round_clients(runs) for _, runs in groups], patch_artist=True)
+    for box, (colour, _) in zip(boxes["boxes"], group_styles(len(groups))):
+        box.set(facecolor=colour, alpha=0.45, edgecolor=colour)
+    for median in boxes["medians"]:
+        median.set(color="black")
+    ax.set_xticks(range(1, len(groups) + 1), [label for label, _ in groups], rotation=35, ha="right", fontsize=7)
     ax.set(ylabel="per-client accuracy (%)", title="clients, last round")
     ax.grid(alpha=0.3, axis="y")
 
 
+def attention_scale(table: np.ndarray) -> tuple[float, float, float]:
+    """(uniform weight ``1 / slots``, lowest, highest colour) of a heatmap: centred on uniform and spanning the
+    largest deviation of any weight from it (at least 1e-6), so that white is uniform and equal colours mean equal
+    deviations on either side."""
+    uniform = 1.0 / table.shape[1]
+    spread = max(float(np.nanmax(np.abs(table - uniform))), 1e-6)
+    return uniform, uniform - spread, uniform + spread
+
+
+def attention_label(table: np.ndarray) -> str:
+    """The colour bar's label: the uniform weight the scale is centred on and the weights' range."""
+    uniform = 1.0 / table.shape[1]
+    return (f"gate weight (white = uniform 1/{table.shape[1]} = {uniform:.3g};\n"
+            f"weights {np.nanmin(table):.4f} to {np.nanmax(table):.4f})")
+
+
 def draw_attention(ax: Any, table: np.ndarray, title: str, clients: list[int] | None = None) -> Any:
-    """A clients x expert-slots heatmap (slot 0 is the local expert; rows labelled by ``clients``, default 0..n-1),
-    colours spanning the weights' range and each weight written in its cell when there are at most 120; returns
-    the image for a colour bar."""
-    image = ax.imshow(table, aspect="auto", cmap="viridis", vmin=float(np.nanmin(table)),
-                      vmax=float(np.nanmax(table)))
-    ax.set(xlabel="expert slot (0 = local)", ylabel="client", title=f"{title}\n(uniform = {1 / table.shape[1]:.3g})")
+    """A clients x expert-slots heatmap (slot 0 is the local expert; rows labelled by ``clients``, default 0..n-1)
+    on the diverging scale of :func:`attention_scale`, each weight written in its cell when there are at most 120;
+    returns the image for a colour bar (label: :func:`attention_label`)."""
+    uniform, low, high = attention_scale(table)
+    image = ax.imshow(table, aspect="auto", cmap="RdBu_r", vmin=low, vmax=high)
+    largest = high - uniform
+    ax.set(xlabel="expert slot (0 = local)", ylabel="client",
+           title=f"{title}\n(within ±{largest:.2g} of uniform {uniform:.3g})")
     if table.size <= 120:
-        middle = (np.nanmin(table) + np.nanmax(table)) / 2
+        digits = 4 if largest < 0.005 else 3  # enough to tell the cells of a nearly uniform gate apart
         for (i, j), weight in np.ndenumerate(table):
             if not np.isnan(weight):
-                ax.text(j, i, f"{weight:.3f}", ha="center", va="center", fontsize=6,
-                        color="black" if weight > middle else "white")
+                ax.text(j, i, f"{weight:.{digits}f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(weight - uniform) > 0.6 * largest else "black")
     ax.set_xticks(range(table.shape[1]))
     ax.set_yticks(range(table.shape[0]), [str(c) for c in (clients or range(table.shape[0]))])
     ax.tick_params(labelsize=7)
@@ -132,7 +177,7 @@ def draw_base_novel(ax: Any, groups: list[tuple[str, list[dict]]]) -> None:
         ax.bar(x + (i - 1) * 0.27, heights, width=0.27, label=name)
     ax.set_xticks(x, [label for label, _ in groups], rotation=30, ha="right", fontsize=7)
     ax.set(ylabel="accuracy (%)", title="base-to-novel, last round")
-    ax.legend(fontsize=7)
+    outside_legend(ax)
 
 
 def attention_runs(results: list[dict]) -> list[tuple[str, np.ndarray, list[int] | None]]:
@@ -147,12 +192,19 @@ def attention_runs(results: list[dict]) -> list[tuple[str, np.ndarray, list[int]
     return found
 
 
+def attention_colorbar(fig: Any, image: Any, ax: Any, table: np.ndarray) -> Any:
+    """The heatmap's colour bar, labelled with :func:`attention_label`."""
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label(attention_label(table), fontsize=7)
+    return bar
+
+
 def save(plt: Any, fig: Any, out: Path, name: str) -> list[Path]:
-    """Write ``fig`` as ``out/name.{png,pdf}`` and close it; returns the paths."""
-    fig.tight_layout()
+    """Write ``fig`` as ``out/name.{png,pdf}`` (cropped to what is drawn, legends outside the axes included) and
+    close it; returns the paths."""
     paths = [out / f"{name}.{fmt}" for fmt in FORMATS]
     for path in paths:
-        fig.savefig(path, dpi=DPI)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return paths
 
@@ -165,27 +217,30 @@ def plot_results(results: list[dict], out: str | Path) -> list[Path]:
     groups = labelled_groups(results)
     attention = attention_runs(results)
     written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
     draw_accuracy(ax, groups)
     written += save(plt, fig, out, "accuracy")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(groups) + 1), 4), layout="constrained")
     draw_clients(ax, groups)
     written += save(plt, fig, out, "clients")
     if attention:
-        fig, axes = plt.subplots(1, len(attention), figsize=(4 * len(attention), 3.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(attention), figsize=(4.5 * len(attention), 3.8), squeeze=False,
+                                 layout="constrained")
         for ax, (title, table, clients) in zip(axes[0], attention):
-            fig.colorbar(draw_attention(ax, table, title, clients), ax=ax)
+            attention_colorbar(fig, draw_attention(ax, table, title, clients), ax, table)
         written += save(plt, fig, out, "expert_attention")
     if all(r["final"].get("acc_novel_mean") for _, runs in groups for r in runs):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
         draw_base_novel(ax, groups)
         written += save(plt, fig, out, "base_novel")
-    fig, axes = plt.subplots(1, 3 if attention else 2, figsize=(15 if attention else 10, 4))
+    panels = 3 if attention else 2
+    fig, axes = plt.subplots(1, panels, figsize=(18 if attention else 12, 4.5), layout="constrained",
+                             gridspec_kw={"width_ratios": [1.0, 1.0, 0.8][:panels]})
     draw_accuracy(axes[0], groups)
     draw_clients(axes[1], groups)
     if attention:
         title, table, clients = attention[0]
-        fig.colorbar(draw_attention(axes[2], table, title, clients), ax=axes[2])
+        attention_colorbar(fig, draw_attention(axes[2], table, title, clients), axes[2], table)
     written += save(plt, fig, out, "overview")
     return written
 
@@ -193,11 +248,20 @@ def plot_results(results: list[dict], out: str | Path) -> list[Path]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``fedlit plot``."""
     parser.add_argument("run_dirs", nargs="+", help="run directories (searched recursively for results.json)")
-    parser.add_argument("--out", required=True, help="folder for the PNG and PDF files")
+    parser.add_argument("--out", default=None, help="folder for the PNG and PDF files (default: plots/ in the first "
+                                                      "RUN_DIR)")
+
+
+def default_out(run_dirs: list[str]) -> Path:
+    """``plots/`` inside the first run directory (beside it when a ``results.json`` file is given)."""
+    first = Path(run_dirs[0])
+    return (first.parent if first.is_file() else first) / "plots"
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plot ``args.run_dirs`` into ``args.out`` and list the files written; returns the exit code."""
-    for path in plot_results(finished_results(args.run_dirs), args.out):
+    """Plot ``args.run_dirs`` into ``args.out`` (default :func:`default_out`) and list the files written; returns
+    the exit code."""
+    results = finished_results(args.run_dirs)
+    for path in plot_results(results, args.out or default_out(args.run_dirs)):
         print(path)
     return 0

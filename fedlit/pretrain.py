@@ -3,12 +3,14 @@
 A randomly initialised CLIP does not behave like CLIP (zero-shot at chance, prompts barely learn), and
 no weights can be downloaded offline, so fedlit ships a *recipe* and builds the weights on first use.
 The result is cached as ``<cache_dir>/shapes-clip-<hash>.pt``, keyed by a hash of the recipe, and is
-the same for the same recipe (seeded model init and a seeded data stream).
+the same for the same recipe (seeded model init and a seeded data stream). While it trains, the loop's whole state
+(weights, optimiser, data stream) is saved every :data:`CHECKPOINT_EVERY` steps to
+``shapes-clip-<hash>.partial.pt`` (atomically), so an interrupted build (Ctrl-C, a killed job) continues from there
+on the next use and ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -31,12 +33,13 @@ from fedlit.data.shapes import (
     render_shapes,
 )
 from fedlit.errors import UserError
-from fedlit.io import atomic_write
+from fedlit.io import FileLock, atomic_write
 from fedlit.io import default_cache_dir as default_cache_dir  # re-exported: pretrain.default_cache_dir() still works
 from fedlit.progress import progress_bar
 
 # Bump when the training procedure changes in a way the recipe fields do not capture.
 FORMAT_VERSION = 1
+CHECKPOINT_EVERY = 25  # pretraining steps between two saves of the loop's state (a few seconds on 2 CPU cores)
 
 # The images the pretrained model expects: 32 px, normalised with the OpenAI CLIP statistics.
 SHAPES_CLIP_PREPROCESS = Preprocess(
@@ -134,10 +137,34 @@ def _lr_at(step: int, recipe: ShapesClipRecipe) -> float:
     return 0.5 * recipe.lr * (1 + math.cos(math.pi * progress))
 
 
-def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool = True) -> open_clip.CLIP:
+def partial_path(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_RECIPE) -> Path:
+    """Where an unfinished pretraining of ``recipe`` keeps its loop state (removed once the weights are cached)."""
+    return shapes_clip_path(cache_dir, recipe).with_suffix(".partial.pt")
+
+
+def _resume_state(path: Path | None, recipe: ShapesClipRecipe) -> dict | None:
+    """The loop state saved at ``path`` for ``recipe``, or None (no file, or one that cannot be read or belongs to
+    another recipe: the pretraining then starts over)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: start over
+        return None
+    if not isinstance(state, dict) or state.get("recipe_hash") != recipe_hash(recipe):
+        return None
+    return state
+
+
+def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool = True,
+                      checkpoint: Path | None = None, every: int | None = None) -> open_clip.CLIP:
     """Pretrain a CLIP of ``recipe.model_cfg()`` contrastively on a fresh batch of generated images and
     captions at every step (``recipe.steps * recipe.batch_size`` images in all); returns it in eval mode.
-    ``progress``: a bar over the steps with the loss (on a terminal, see :func:`fedlit.progress.progress_bar`)."""
+    ``progress``: a bar over the steps with the loss (on a terminal, see :func:`fedlit.progress.progress_bar`).
+    ``checkpoint``: a file for the loop state (weights, optimiser, data stream and torch's RNG), written atomically
+    every ``every`` steps (default :data:`CHECKPOINT_EVERY`) and resumed from when it holds this recipe's state: the
+    weights are bitwise those of an uninterrupted pretraining."""
+    every = every or CHECKPOINT_EVERY
     torch.manual_seed(recipe.seed)
     model = open_clip.CLIP(**recipe.model_cfg())
     model.train()
@@ -145,8 +172,18 @@ def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool 
                                   betas=(0.9, 0.98), eps=1e-6)
     all_tokens = _caption_tokens()
     generator = torch.Generator().manual_seed(recipe.data_seed)
-    bar = progress_bar(recipe.steps, "shapes-clip pretraining", enabled=progress, unit="step")
-    for step in range(recipe.steps):
+    start = 0
+    saved = _resume_state(checkpoint, recipe)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["rng"])
+        start = int(saved["step"])
+        if progress:
+            print(f"[shapes-clip] resuming the pretraining at step {start} of {recipe.steps}", flush=True)
+    bar = progress_bar(recipe.steps, "shapes-clip pretraining", enabled=progress, initial=start, unit="step")
+    for step in range(start, recipe.steps):
         labels = torch.randint(len(SHAPES_CLASSNAMES), (recipe.batch_size,), generator=generator)
         template = torch.randint(len(SHAPES_TEMPLATES), (recipe.batch_size,), generator=generator)
         images = normalize_images(render_shapes(labels, generator))
@@ -163,6 +200,11 @@ def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool 
         if not bar.disable:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.update(1)
+        if checkpoint is not None and (step + 1) % every == 0 and step + 1 < recipe.steps:
+            state = {"recipe_hash": recipe_hash(recipe), "step": step + 1, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                     "rng": torch.get_rng_state()}
+            atomic_write(checkpoint, lambda f, state=state: torch.save(state, f))
     bar.close()
     return model.eval()
 
@@ -172,21 +214,21 @@ def build_shapes_clip(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_
     """Path of the cached weights of ``recipe`` under ``cache_dir``, training them first if missing.
 
     The file is a dict ``{"recipe", "recipe_hash", "model_cfg", "preprocess", "state_dict"}``, written to a
-    temporary file and renamed into place under an exclusive lock, so concurrent builders train once
-    and readers never see a partial file.
+    temporary file and renamed into place under an exclusive lock (``shapes-clip-<hash>.lock``, removed afterwards),
+    so concurrent builders train once and readers never see a partial file. An interrupted build resumes from
+    :func:`partial_path`, removed once the weights are in place.
     """
     path = shapes_clip_path(cache_dir, recipe)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with FileLock(path.with_suffix(".lock")):
         if path.is_file():  # another process built it while we waited
             return path
         if progress:
             print(f"[shapes-clip] building {path.name} (one-time, cached in {path.parent})", flush=True)
         start = time.perf_counter()
-        model = train_shapes_clip(recipe, progress)
+        model = train_shapes_clip(recipe, progress, checkpoint=partial_path(cache_dir, recipe))
         payload = {
             "recipe": asdict(recipe),
             "recipe_hash": recipe_hash(recipe),
@@ -195,6 +237,7 @@ def build_shapes_clip(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_
             "state_dict": model.state_dict(),
         }
         atomic_write(path, lambda f: torch.save(payload, f))
+        partial_path(cache_dir, recipe).unlink(missing_ok=True)
         if progress:
             print(f"[shapes-clip] built in {time.perf_counter() - start:.1f}s -> {path}", flush=True)
     return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import os
@@ -15,7 +14,7 @@ import numpy as np
 from torch import Tensor
 
 from fedlit.errors import UserError
-from fedlit.io import atomic_write
+from fedlit.io import FileLock, atomic_write
 from fedlit.metrics import final_summary
 
 METRIC_COLUMNS = ["round", "clients", "loss", "acc_mean", "acc_weighted", "acc_std", "acc_worst10", "acc_global",
@@ -23,51 +22,45 @@ METRIC_COLUMNS = ["round", "clients", "loss", "acc_mean", "acc_weighted", "acc_s
 BASE_NOVEL_COLUMNS = ["acc_novel_mean", "acc_hm_mean", "hm_of_means", "acc_global_novel", "acc_global_hm"]
 
 
-def new_run_dir_name() -> str:
-    """A fresh run directory name: a sortable UTC timestamp plus the process id."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+def new_run_dir_name(algorithm: str) -> str:
+    """A fresh run directory name: what runs there (a method's name, or ``all``), then a sortable UTC timestamp
+    and the process id, e.g. ``pfedmoap-20261201-104130-22073``."""
+    return f"{algorithm}-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
 
 
 class RunLock:
-    """An exclusive lock on a run directory (``flock`` on ``<run_dir>/.lock``), held while a run writes there: a
-    second process resuming the same directory is refused in one line. The kernel releases it when the holder
-    exits, even after SIGKILL, so a killed run can be resumed at once."""
+    """An exclusive lock on a run directory (:class:`~fedlit.io.FileLock` on ``<run_dir>/.lock``), held while a run
+    writes there: a second process resuming the same directory is refused in one line. The kernel releases it
+    when the holder exits, even after SIGKILL, so a killed run can be resumed at once; a run that ends removes the
+    file."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
-        self._file = None
+        self._lock: FileLock | None = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = self.path.open("a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
+        lock = FileLock(self.path)
+        if not lock.acquire(blocking=False):
+            holder = lock.holder() or "another process"
             raise UserError(f"run directory {self.path.parent} is in use by {holder}; wait for it to finish or stop "
                             "it before resuming") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"process {os.getpid()} on {socket.gethostname()}")
-        f.flush()
-        self._file = f
+        lock.write_holder(f"process {os.getpid()} on {socket.gethostname()}")
+        self._lock = lock
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
-def latest_run_dir(out_dir: str | Path, name: str) -> Path | None:
-    """The newest run directory ``out_dir/name/<stamp>`` that holds a checkpoint, or None."""
+def latest_run_dir(out_dir: str | Path, name: str, algorithm: str) -> Path | None:
+    """The newest run directory ``out_dir/name/<algorithm>-<stamp>`` that holds a checkpoint, or None
+    (``algorithm``: a method's name or ``all``; runs of other methods under the same name are never chosen)."""
     parent = Path(out_dir) / name
     if not parent.is_dir():
         return None
-    dirs = sorted(d for d in parent.iterdir() if d.is_dir() and any(d.rglob("checkpoint.pt")))
+    dirs = sorted(d for d in parent.glob(f"{algorithm}-*") if d.is_dir() and any(d.rglob("checkpoint.pt")))
     return dirs[-1] if dirs else None
 
 

@@ -12,8 +12,9 @@ A sweep file names a base config, common overrides, and either a grid (cartesian
     #   - [algorithm=promptfl]
     #   - {algorithm: pfedmoap, method.num_experts: 4}
 
-Each cell's overrides are ``base + cell + [run.name=<name>-<index>]`` (the run name only when the cell does not
-set one), so every cell writes to its own run directory and ``run.resume=auto`` finds its own checkpoint.
+Each cell's overrides are ``base + cell + [run.name=<name>-<cell overrides>]`` (the run name only when the cell does
+not set one), named by what the cell sets, e.g. ``table1-data.name=dtd,algorithm=promptfl,seed=1`` (see
+:func:`cell_name`), so every cell writes to its own run directory and ``run.resume=auto`` finds its own checkpoint.
 
 Command line (used by ``slurm/array.sbatch``)::
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from fedlit.config import valid_keys
+from fedlit.config import MAX_NAME_LENGTH, load_config, valid_keys
 from fedlit.threads import THREAD_VARIABLE, threads_per_process
 
 SWEEP_KEYS = ("name", "config", "base", "grid", "cells")
@@ -112,6 +114,38 @@ def _grid_cells(grid: Any, where: str) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)]
 
 
+def cell_name(sweep: str, cell: list[str], index: int) -> str:
+    """The run name of cell ``index``: ``<sweep>-<its own overrides joined by ",">`` (but the ``run.*`` ones, which
+    say where and how a run writes, not what it computes) with every character a run name cannot hold (``/``,
+    ``[``, spaces, ...) as ``_``; ``<sweep>-<index>`` for a cell without such overrides, and the index appended
+    (the rest cut) when the name would exceed ``run.name``'s 100 characters."""
+    named = [o for o in cell if not o.startswith("run.")]
+    if not named:
+        return f"{sweep}-{index}"
+    name = re.sub(r"[^A-Za-z0-9._+=,@-]", "_", f"{sweep}-{','.join(named)}")
+    if len(name) > MAX_NAME_LENGTH:
+        suffix = f"-{index}"
+        name = name[: MAX_NAME_LENGTH - len(suffix)] + suffix
+    return name
+
+
+def _named(name: str, cells: list[list[str]], base: list[str]) -> list[list[str]]:
+    """``base + cell`` per cell, plus ``run.name=`` :func:`cell_name` unless it sets one; two cells that would get
+    the same name both get their index appended."""
+    names = [cell_name(name, cell, index) for index, cell in enumerate(cells)]
+    repeated = {n for n in names if names.count(n) > 1}
+    expanded = []
+    for index, cell in enumerate(cells):
+        overrides = base + cell
+        if not any(o.startswith("run.name=") for o in overrides):
+            run_name = names[index]
+            if run_name in repeated:
+                run_name = run_name[: MAX_NAME_LENGTH - len(f"-{index}")] + f"-{index}"
+            overrides.append(f"run.name={run_name}")
+        expanded.append(overrides)
+    return expanded
+
+
 def read_sweep(path: str | Path) -> Sweep:
     """Parse and expand the sweep file ``path``; every override key is checked against the config keys."""
     path = Path(path)
@@ -138,13 +172,7 @@ def read_sweep(path: str | Path) -> Sweep:
         if not isinstance(spec["cells"], list) or not spec["cells"]:
             raise ValueError(f"{path}: cells must be a non-empty list of override lists")
         cells = [_overrides(c, f"{path}: cells[{i}]") for i, c in enumerate(spec["cells"])]
-    expanded = []
-    for index, cell in enumerate(cells):
-        overrides = base + cell
-        if not any(o.startswith("run.name=") for o in overrides):
-            overrides.append(f"run.name={name}-{index}")
-        expanded.append(overrides)
-    return Sweep(name=name, config=None if config is None else str(config), cells=expanded)
+    return Sweep(name=name, config=None if config is None else str(config), cells=_named(name, cells, base))
 
 
 def load_sweep(path: str | Path) -> list[list[str]]:
@@ -163,12 +191,35 @@ def cell_command(sweep: Sweep, index: int) -> list[str]:
     return [sys.executable, "-m", "fedlit", "train", *sweep.argv(index)]
 
 
+def cell_run_name(sweep: Sweep, index: int) -> str:
+    """The ``run.name`` cell ``index`` sets (its last ``run.name=`` override)."""
+    return [o.split("=", 1)[1] for o in sweep.cells[index] if o.startswith("run.name=")][-1]
+
+
+def cell_log(sweep: Sweep, index: int, log_dir: Path) -> Path:
+    """Where :func:`run_cell` writes the output of cell ``index``: ``log_dir/<its run.name>.log``."""
+    return log_dir / f"{cell_run_name(sweep, index)}.log"
+
+
+def default_log_dir(sweep: Sweep) -> Path:
+    """``<run.out_dir>/<sweep name>-logs``, with the ``run.out_dir`` of the sweep's first cell (its config file and
+    overrides; a bad cell is reported by its own run, not here: then ``runs/``)."""
+    from fedlit.errors import UserError
+    from fedlit.packaged import resolve_config
+
+    try:
+        out_dir = load_config(resolve_config(sweep.config), sweep.cells[0]).run.out_dir
+    except UserError:
+        out_dir = "runs"
+    return Path(out_dir).expanduser() / f"{sweep.name}-logs"
+
+
 def run_cell(sweep: Sweep, index: int, threads: int, log_dir: Path) -> tuple[int, float]:
     """Train cell ``index`` in a subprocess with ``threads`` intra-op threads, its output in
-    ``log_dir/cell-<index>.log``; returns (exit code, seconds)."""
+    :func:`cell_log`; returns (exit code, seconds)."""
     env = {**os.environ, THREAD_VARIABLE: str(threads)}
     t0 = time.perf_counter()
-    with (log_dir / f"cell-{index}.log").open("w") as log:
+    with cell_log(sweep, index, log_dir).open("w") as log:
         code = subprocess.run(cell_command(sweep, index), env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     return code, time.perf_counter() - t0
 
@@ -188,7 +239,7 @@ def run_sweep(sweep: Sweep, jobs: int, log_dir: str | Path, cores: int | None = 
 
     def one(index: int) -> int:
         code, seconds = run_cell(sweep, index, threads, log_dir)
-        status = "ok" if code == 0 else f"exit {code}, see {log_dir / f'cell-{index}.log'}"
+        status = "ok" if code == 0 else f"exit {code}, see {cell_log(sweep, index, log_dir)}"
         print(f"cell {index + 1}/{total} ({status}, {seconds:.1f} s): {' '.join(sweep.cells[index])}", flush=True)
         return code
 

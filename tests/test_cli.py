@@ -57,7 +57,7 @@ def test_subprocess_exit_code_and_help():
     bad = train_cli("fed.roundz=3")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown config key")
     helped = train_cli("--help")
-    assert helped.returncode == 0 and "algorithm=pfedmoap|promptfl" in helped.stdout
+    assert helped.returncode == 0 and "algorithm=zeroshot|coop_local|promptfl|" in helped.stdout
 
 
 def test_config_files_and_overrides_merge_over_typed_defaults(tmp_path):

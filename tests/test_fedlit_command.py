@@ -115,7 +115,7 @@ def test_sweep_count_and_list(capsys):
     assert main(["sweep", "count", "sweeps/table1"]) == 0
     assert capsys.readouterr().out.strip() == "135"
     assert main(["sweep", "list", "configs/sweeps/quickstart.yaml"]) == 0
-    cells = ["0: seed=0 run.name=quickstart-0", "1: seed=1 run.name=quickstart-1"]
+    cells = ["0: seed=0 run.name=quickstart-seed=0", "1: seed=1 run.name=quickstart-seed=1"]
     assert capsys.readouterr().out.splitlines() == cells
     assert main(["sweep", "count", "/nonexistent/sweep.yaml"]) == 2
 
@@ -130,9 +130,9 @@ def test_sweep_run_trains_the_cells_n_at_a_time(tmp_path):
     threads = threads_per_process(2)
     assert f"sweep two: 2 cells, 2 at a time, OMP_NUM_THREADS={threads}" in done.stdout
     assert sorted(line.split(" (")[0] for line in done.stdout.splitlines()[1:]) == ["cell 1/2", "cell 2/2"]
-    seeds = sorted(read_results(only_run_dir(out, f"two-{i}"))["seed"] for i in (0, 1))
+    seeds = sorted(read_results(only_run_dir(out, f"two-seed={i}"))["seed"] for i in (0, 1))
     assert seeds == [0, 1]
-    assert (tmp_path / "logs" / "cell-0.log").is_file()
+    assert (tmp_path / "logs" / "two-seed=0.log").is_file()
 
 
 def test_sweep_run_reports_failing_cells(tmp_path):
@@ -141,7 +141,7 @@ def test_sweep_run_reports_failing_cells(tmp_path):
     done = fedlit("sweep", "run", str(sweep), "--log-dir", str(tmp_path / "logs"))
     assert done.returncode == 2
     assert done.stderr.strip() == "error: 1 of 1 cells failed: 0"
-    assert "fed.rounds must be >= 1" in (tmp_path / "logs" / "cell-0.log").read_text()
+    assert "fed.rounds must be >= 1" in (tmp_path / "logs" / "bad-fed.rounds=0.log").read_text()
 
 
 def test_threads_per_process_divides_the_cores():

@@ -47,10 +47,10 @@ def test_state_dict_holds_the_client_only_and_loads_strictly(tiny_backbone, clas
     assert torch.equal(client(x), other(x))
 
 
-def test_hyper_parameters_are_saved_without_the_backbone_and_restore_the_module(tmp_path, tiny_backbone, classnames):
+def test_hyper_parameters_name_the_backbone_and_restore_the_module(tmp_path, tiny_backbone, classnames):
     client = CoOpClient(tiny_backbone, classnames, prompt=PromptConfig(n_ctx=3, class_specific=True), prox_mu=0.2,
                         seed=7)
-    assert "backbone" not in client.hparams
+    assert client.hparams["backbone"] == "tiny"  # its name only: the frozen weights are never saved
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     data = torch.utils.data.TensorDataset(F.normalize(torch.randn(6, 64), dim=-1), torch.tensor([0, 1, 2] * 2))

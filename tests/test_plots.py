@@ -11,7 +11,18 @@ from PIL import Image
 
 from fedlit.command import main
 from fedlit.federation.experiment import build_job
-from fedlit.plots import attention_runs, draw_attention, expert_attention, plot_results, pyplot
+from fedlit.plots import (
+    attention_colorbar,
+    attention_runs,
+    draw_accuracy,
+    draw_attention,
+    draw_clients,
+    expert_attention,
+    group_styles,
+    labelled_groups,
+    plot_results,
+    pyplot,
+)
 from tests.helpers import fast_config, read_results
 
 pytest.importorskip("matplotlib")
@@ -95,3 +106,62 @@ def test_a_subset_rounds_heatmap_rows_are_labelled_by_their_clients(tmp_path):
     draw_attention(ax, table, title, clients)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["3", "17"]
     pyplot().close(fig)
+
+
+def _results(methods: list[str], rounds: int = 3) -> list[dict]:
+    """Synthetic finished runs (one per method) with distinct accuracy curves."""
+    return [{"algorithm": m, "seed": 0, "_path": f"/x/{m}", "config": {"algorithm": m, "seed": 0},
+             "final": {}, "rounds": [{"round": r, "acc_mean": (i + r) / 40, "accuracy": [(i + r) / 40]}
+                                     for r in range(1, rounds + 1)]} for i, m in enumerate(methods)]
+
+
+def test_twelve_methods_get_distinct_styles_and_the_legend_sits_outside_the_curves():
+    methods = [f"method{i:02d}" for i in range(12)]
+    styles = group_styles(99)
+    assert len(set(styles)) == 99 and len({c for c, _ in styles[:11]}) == 11  # 11 methods: 11 colours
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
+    groups = labelled_groups(_results(methods))
+    draw_accuracy(ax, groups)
+    lines = ax.get_lines()
+    assert len({(line.get_color(), line.get_marker()) for line in lines}) == 12
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [f"{m} (n=1)" for m in methods]
+    fig.canvas.draw()
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes.x1  # entirely right of the plotted area
+    fig2, ax2 = plt.subplots()
+    draw_clients(ax2, groups)
+    boxes = [p.get_facecolor()[:3] for p in ax2.patches]
+    from matplotlib.colors import to_rgb
+
+    assert boxes == [to_rgb(c) for c, _ in group_styles(12)]  # each box in its method's colour
+    assert [t.get_text() for t in ax2.get_xticklabels()] == methods
+    plt.close(fig), plt.close(fig2)
+
+
+def test_groups_are_labelled_by_their_method_even_when_it_does_not_differ():
+    runs = _results(["pfedmoap", "pfedmoap"])
+    runs[0]["config"]["method"] = {"num_experts": 2}
+    runs[1]["config"]["method"] = {"num_experts": 4}
+    assert [label for label, _ in labelled_groups(runs)] == ["pfedmoap, method.num_experts=2",
+                                                             "pfedmoap, method.num_experts=4"]
+
+
+def test_expert_attention_is_coloured_around_uniform_with_its_range_stated(tmp_path):
+    table = np.array([[0.30, 0.24, 0.23, 0.23], [0.25, 0.26, 0.25, 0.24]])  # K + 1 = 4 slots: uniform 0.25
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    image = draw_attention(ax, table, "pfedmoap seed 0")
+    bar = attention_colorbar(fig, image, ax, table)
+    low, high = image.norm.vmin, image.norm.vmax
+    assert np.isclose((low + high) / 2, 0.25) and np.isclose(high - 0.25, 0.05)  # centred, largest deviation
+    assert image.get_cmap().name == "RdBu_r"
+    assert bar.ax.get_ylabel() == "gate weight (white = uniform 1/4 = 0.25;\nweights 0.2300 to 0.3000)"
+    assert ax.get_title() == "pfedmoap seed 0\n(within ±0.05 of uniform 0.25)"
+    plt.close(fig)
+
+
+def test_plot_writes_into_the_first_run_directory_by_default(runs, capsys):
+    assert main(["plot", str(runs / "promptfl")]) == 0
+    assert (runs / "promptfl" / "plots" / "accuracy.png").is_file()
+    assert str(runs / "promptfl" / "plots" / "overview.png") in capsys.readouterr().out.split()

@@ -47,15 +47,19 @@ def test_grid_is_the_cartesian_product_in_order_with_base_first_and_run_names(tm
         "grid": {"seed": [0, 1], "data.partition": ["iid", "dirichlet"], "gate.top_k": [None]},
     })
     assert load_sweep(path) == [
-        ["fed.rounds=3", "seed=0", "data.partition=iid", "gate.top_k=null", "run.name=abl-0"],
-        ["fed.rounds=3", "seed=0", "data.partition=dirichlet", "gate.top_k=null", "run.name=abl-1"],
-        ["fed.rounds=3", "seed=1", "data.partition=iid", "gate.top_k=null", "run.name=abl-2"],
-        ["fed.rounds=3", "seed=1", "data.partition=dirichlet", "gate.top_k=null", "run.name=abl-3"],
+        ["fed.rounds=3", "seed=0", "data.partition=iid", "gate.top_k=null",
+         "run.name=abl-seed=0,data.partition=iid,gate.top_k=null"],
+        ["fed.rounds=3", "seed=0", "data.partition=dirichlet", "gate.top_k=null",
+         "run.name=abl-seed=0,data.partition=dirichlet,gate.top_k=null"],
+        ["fed.rounds=3", "seed=1", "data.partition=iid", "gate.top_k=null",
+         "run.name=abl-seed=1,data.partition=iid,gate.top_k=null"],
+        ["fed.rounds=3", "seed=1", "data.partition=dirichlet", "gate.top_k=null",
+         "run.name=abl-seed=1,data.partition=dirichlet,gate.top_k=null"],
     ]
     sweep = read_sweep(path)
     assert sweep.name == "abl" and sweep.config == "configs/default.yaml"
     assert sweep.argv(2) == ["--config", "configs/default.yaml", "fed.rounds=3", "seed=1", "data.partition=iid",
-                             "gate.top_k=null", "run.name=abl-2"]
+                             "gate.top_k=null", "run.name=abl-seed=1,data.partition=iid,gate.top_k=null"]
 
 
 def test_cells_accept_lists_and_mappings_and_keep_their_own_run_name(tmp_path):
@@ -70,11 +74,13 @@ def test_cells_accept_lists_and_mappings_and_keep_their_own_run_name(tmp_path):
     sweep = read_sweep(path)
     assert sweep.config is None
     assert sweep.cells == [
-        ["algorithm=promptfl", "run.name=methods-0"],
-        ["algorithm=pfedmoap", "method.num_experts=4", "optim.persistent_state=true", "run.name=methods-1"],
+        ["algorithm=promptfl", "run.name=methods-algorithm=promptfl"],
+        ["algorithm=pfedmoap", "method.num_experts=4", "optim.persistent_state=true",
+         "run.name=methods-algorithm=pfedmoap,method.num_experts=4,optim.persistent_state=true"],
         ["algorithm=fedprox", "run.name=prox"],
     ]
-    assert sweep.argv(0) == ["algorithm=promptfl", "run.name=methods-0"]  # no config file: typed defaults
+    # no config file: typed defaults
+    assert sweep.argv(0) == ["algorithm=promptfl", "run.name=methods-algorithm=promptfl"]
 
 
 def test_format_value_round_trips_through_the_config_loader():
@@ -92,7 +98,7 @@ def test_every_cell_of_the_quickstart_sweep_is_a_valid_config():
     default = asdict(load_config(ROOT / sweep.config))
     for seed, cell in enumerate(sweep.cells):
         cfg = asdict(load_config(ROOT / sweep.config, cell))
-        assert (cfg["seed"], cfg["run"]["name"]) == (seed, f"quickstart-{seed}")
+        assert (cfg["seed"], cfg["run"]["name"]) == (seed, f"quickstart-seed={seed}")
         # the offline default in everything else
         assert {**cfg, "seed": default["seed"], "run": default["run"]} == default
 
@@ -122,9 +128,9 @@ def test_command_line_count_range_args_and_bad_index(tmp_path, capsys):
     assert main(["range", path]) == 0 and capsys.readouterr().out == "0-2\n"
     assert main(["range", path, "2"]) == 0 and capsys.readouterr().out == "0-2%2\n"
     assert main(["args", path, "1"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["--config", "c.yaml", "seed=1", "run.name=s-1"]
+    assert capsys.readouterr().out.splitlines() == ["--config", "c.yaml", "seed=1", "run.name=s-seed=1"]
     assert main(["list", path]) == 0
-    assert capsys.readouterr().out.splitlines()[2] == "2: seed=2 run.name=s-2"
+    assert capsys.readouterr().out.splitlines()[2] == "2: seed=2 run.name=s-seed=2"
     for argv in (["args", path, "3"], ["args", path, "-1"], ["args", path, "x"], ["range", path, "0"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -304,9 +310,10 @@ def test_array_job_runs_each_cell_of_the_quickstart_sweep(cluster, work):
         per_cell = []
         for i, log in enumerate(logs):
             text = log.read_text()
-            assert f"sweep {sweep} cell {i}: --config configs/default.yaml seed={i} run.name=quickstart-{i}" in text
+            cell = f"--config configs/default.yaml seed={i} run.name=quickstart-seed={i}"
+            assert f"sweep {sweep} cell {i}: {cell}" in text
             assert "restart 0" in text and "run.resume=auto" not in text
-            run_dir, results = results_of(out, f"quickstart-{i}")
+            run_dir, results = results_of(out, f"quickstart-seed={i}")
             assert (results["seed"], results["algorithm"], results["world_size"]) == (i, "pfedmoap", 1)
             assert [r["round"] for r in results["rounds"]] == [1, 2]
             assert {"config.yaml", "partition.json", "metrics.csv", "checkpoint.pt"} <= \

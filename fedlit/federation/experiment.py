@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -30,7 +31,7 @@ from fedlit.modules import ClientModule
 from fedlit.progress import echo
 from fedlit.reporting import RunLock, comparison_table, latest_run_dir, new_run_dir_name
 from fedlit.sanity import check_zero_shot, zero_shot_accuracy
-from fedlit.threads import apply_thread_default
+from fedlit.threads import apply_thread_default, reduced_threads_note
 
 # Keys that may differ between an interrupted run and its resumption (layout and bookkeeping, not the maths; the
 # client store moves to the other backend on resume).
@@ -71,17 +72,21 @@ def results_config(cfg: Config, fabric: Fabric | None = None) -> dict:
 
 def make_fabric(cfg: Config) -> Fabric:
     """A launched Fabric for ``cfg.trainer`` (DDP processes when more than one device or node; never wraps models).
-    Unless ``OMP_NUM_THREADS`` is set, each process gets the cores available divided by the processes per node."""
+    Unless ``OMP_NUM_THREADS`` is set, each process gets the cores available divided by the processes per node (one
+    ``note:`` line on stderr when that is fewer threads than torch would use, unless ``run.quiet``)."""
     # Harmless notices on CPU clusters: srun on PATH outside a job, and the deprecated autograd all_gather path.
     warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
     t = cfg.trainer
     multi = t.devices * t.num_nodes > 1
     strategy = t.strategy if t.strategy != "auto" else ("ddp" if multi else "auto")
-    apply_thread_default(t.devices)
+    threads = apply_thread_default(t.devices)
     fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
                     strategy=strategy)
     fabric.launch()
+    note = reduced_threads_note(*threads, t.devices) if threads is not None else None
+    if note is not None and fabric.global_rank == 0 and not cfg.run.quiet:
+        print(note, file=sys.stderr, flush=True)
     return fabric
 
 
@@ -158,16 +163,18 @@ def build_job(cfg: Config, fabric: Fabric | None = None,
 
 
 def _resolve_run_dir(cfg: Config, fabric: Fabric) -> tuple[Path, bool]:
-    """(run directory, resuming?) decided on rank 0 and broadcast so that every rank agrees."""
+    """(run directory, resuming?) decided on rank 0 and broadcast so that every rank agrees: a new run goes to
+    ``run.out_dir/run.name/<algorithm>-<stamp>`` (``all-<stamp>`` for every method), and ``run.resume=auto``
+    continues the newest such directory of the same ``algorithm``."""
     choice = None
     if fabric.global_rank == 0:
         if cfg.run.resume == "auto":
-            found = latest_run_dir(cfg.run.out_dir, cfg.run.name)
+            found = latest_run_dir(cfg.run.out_dir, cfg.run.name, cfg.algorithm)
             choice = (str(found), True) if found else None
         elif cfg.run.resume:
             choice = (str(cfg.run.resume), True)
         if choice is None:
-            choice = (str(Path(cfg.run.out_dir) / cfg.run.name / new_run_dir_name()), False)
+            choice = (str(Path(cfg.run.out_dir) / cfg.run.name / new_run_dir_name(cfg.algorithm)), False)
     choice = fabric.broadcast(choice, src=0)
     return Path(choice[0]), bool(choice[1])
 

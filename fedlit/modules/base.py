@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from fedlit.backbone import Backbone
+from fedlit.backbone import Backbone, load_backbone
 from fedlit.config import OptimConfig
 
 
@@ -34,6 +34,9 @@ def as_config(cls: type, value: Any) -> Any:
     return cls(**value) if isinstance(value, dict) else value
 
 
+PLAN_EXTRAS_KEY = "fedlit_plan_extras"  # a checkpoint's per-method inputs (set_extras), written by fedlit export
+
+
 def _drop_backbone_entries(module: L.LightningModule, state_dict: dict, prefix: str, local_metadata) -> None:
     """State-dict post-hook: the frozen backbone is shared and loaded on its own, never saved with a client."""
     for key in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
@@ -48,13 +51,23 @@ def _ignore_missing_backbone_entries(module: L.LightningModule, incompatible_key
 
 class ClientModule(L.LightningModule):
     """Base class: ``forward(x) -> logits (B, C)`` where ``x`` is images ``(B, 3, H, W)`` or cached image
-    features ``(B, D)``; one cross-entropy in ``training_step``; accuracy in validation/test steps."""
+    features ``(B, D)``; one cross-entropy in ``training_step``; accuracy in validation/test steps.
 
-    def __init__(self, backbone: Backbone, classnames: list[str], optim: OptimConfig | None = None,
-                 epochs: int | None = None):
+    ``backbone``: the frozen :class:`~fedlit.backbone.Backbone`, or its name for :func:`~fedlit.backbone.load_backbone`
+    with ``backbone_pretrained`` (an open_clip tag or weights file), e.g. from ``LightningCLI``
+    (``--model.backbone=RN50-quickgelu --model.backbone_pretrained=openai``). The hyper-parameters record the
+    backbone's name and weights tag either way, and the learning rates in ``optim``."""
+
+    def __init__(self, backbone: Backbone | str, classnames: list[str], optim: OptimConfig | None = None,
+                 epochs: int | None = None, backbone_pretrained: str | None = None):
         super().__init__()
-        # Every subclass's constructor arguments but the shared frozen backbone (pass it to load_from_checkpoint).
+        # Every subclass's constructor arguments; the shared frozen backbone by name and weights only, never its
+        # tensors (load_from_checkpoint loads it by name, or takes the one passed as backbone=...).
         self.save_hyperparameters(ignore=["backbone"])
+        if isinstance(backbone, str):
+            backbone = load_backbone(backbone, backbone_pretrained, progress=False)
+        self.hparams["backbone"] = backbone.name
+        self.hparams["backbone_pretrained"] = backbone.pretrained
         self.backbone = backbone
         self.register_state_dict_post_hook(_drop_backbone_entries)
         self.register_load_state_dict_post_hook(_ignore_missing_backbone_entries)
@@ -147,6 +160,12 @@ class ClientModule(L.LightningModule):
         hparams = checkpoint.get("hyper_parameters")
         if hparams:
             checkpoint["hyper_parameters"] = {k: asdict(v) if is_dataclass(v) else v for k, v in hparams.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint written by ``fedlit export`` carries the plan's extras (e.g. pFedMoAP's expert prompts,
+        PromptFolio's ``theta``): they are set before the state dict loads, as the simulator loads a plan."""
+        if checkpoint.get(PLAN_EXTRAS_KEY):
+            self.set_extras(checkpoint[PLAN_EXTRAS_KEY])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

@@ -21,15 +21,15 @@ class CoOpClient(ClientModule):
     :meth:`set_prox_center`.
     """
 
-    def __init__(self, backbone: Backbone, classnames: list[str], prompt: PromptConfig | None = None,
+    def __init__(self, backbone: Backbone | str, classnames: list[str], prompt: PromptConfig | None = None,
                  prox_mu: float = 0.0, seed: int | None = None, cut: bool = True, share_prefix: bool = True,
                  **kwargs):
         super().__init__(backbone, classnames, **kwargs)
         prompt = as_config(PromptConfig, prompt)
         self.prompt_learner = PromptLearner(
-            backbone, classnames, n_ctx=prompt.n_ctx, ctx_init=prompt.ctx_init, class_specific=prompt.class_specific,
-            class_position=prompt.class_position, init_std=prompt.init_std, seed=seed, cut=cut,
-            share_prefix=share_prefix,
+            self.backbone, classnames, n_ctx=prompt.n_ctx, ctx_init=prompt.ctx_init,
+            class_specific=prompt.class_specific, class_position=prompt.class_position, init_std=prompt.init_std,
+            seed=seed, cut=cut, share_prefix=share_prefix,
         )
         self.prox_mu = prox_mu
         self.register_buffer("prox_center", torch.empty(0), persistent=False)

@@ -74,7 +74,7 @@ class FedOTPClient(CoOpClient):
 
     image_feature_kind = PATCHES
 
-    def __init__(self, backbone: Backbone, classnames: list[str], prompt: PromptConfig | None = None,
+    def __init__(self, backbone: Backbone | str, classnames: list[str], prompt: PromptConfig | None = None,
                  eps: float = 0.01, top_percent: float = 0.8, max_iter: int = 100, thresh: float = 1e-3,
                  seed: int | None = None, **kwargs):
         prompt = as_config(PromptConfig, prompt)
@@ -83,7 +83,7 @@ class FedOTPClient(CoOpClient):
         if prompt.ctx_init is not None:  # initialised from words: both prompts start from them
             local = learner.ctx.detach().clone()
         else:  # FedOTP draws both prompts at random, independently
-            local = init_context(learner.n_ctx, backbone.text_width,
+            local = init_context(learner.n_ctx, self.backbone.text_width,
                                  learner.num_classes if learner.class_specific else None, prompt.init_std,
                                  None if seed is None else seed + LOCAL_SEED_OFFSET)
         self.local_ctx = nn.Parameter(local)

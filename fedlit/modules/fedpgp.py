@@ -51,7 +51,7 @@ class FedPGPClient(CoOpClient):
     the frozen text features of the prompt's own words ("X X ... X <class>." or the ``ctx_init`` words), computed
     once. ``sigma``, ``U`` and ``V`` are trained with the prompt learning rate."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], rank: int = 8, weight: float = 0.5,
+    def __init__(self, backbone: Backbone | str, classnames: list[str], rank: int = 8, weight: float = 0.5,
                  temperature: float = 0.5, prompt: PromptConfig | None = None, seed: int | None = None, **kwargs):
         super().__init__(backbone, classnames, prompt=prompt, seed=seed, **kwargs)
         prompt = as_config(PromptConfig, prompt)
@@ -62,7 +62,7 @@ class FedPGPClient(CoOpClient):
         u, v = lowrank_init(tuple(ctx.shape), rank, prompt.init_std, None if seed is None else seed + 1)
         self.U = nn.Parameter(u.to(ctx))
         self.V = nn.Parameter(v.to(ctx))
-        self.register_buffer("anchor_ctx", self.word_context(backbone, prompt.ctx_init).to(ctx), persistent=False)
+        self.register_buffer("anchor_ctx", self.word_context(self.backbone, prompt.ctx_init).to(ctx), persistent=False)
         self._anchor: Tensor | None = None  # features of anchor_ctx, encoded on first use where the module lives
 
     def word_context(self, backbone: Backbone, ctx_init: str | None) -> Tensor:

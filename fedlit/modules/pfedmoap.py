@@ -31,11 +31,11 @@ class PFedMoAPClient(CoOpClient):
     """Logits ``lam * s * I T_L^T + s * <P(I), gate(I; [T_L, T_1..T_K])>`` (SPEC §2); local logits alone while no
     experts are loaded. Expert text features are computed once when loaded (no grad) and kept as a buffer."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], gate: GateConfig | None = None, lam: float = 0.5,
-                 **kwargs):
+    def __init__(self, backbone: Backbone | str, classnames: list[str], gate: GateConfig | None = None,
+                 lam: float = 0.5, **kwargs):
         super().__init__(backbone, classnames, **kwargs)
         gate = as_config(GateConfig, gate)
-        self.gate = AttentionGate(backbone.feature_dim, d_gate=gate.d_gate, num_heads=gate.num_heads,
+        self.gate = AttentionGate(self.backbone.feature_dim, d_gate=gate.d_gate, num_heads=gate.num_heads,
                                   scale=gate.scale, top_k=gate.top_k)
         self.lam = lam
         self.register_buffer("expert_ctx", torch.empty(0))  # (K, *ctx_shape) loaded experts, saved with the module

@@ -94,8 +94,8 @@ class PFedMoAPLinearClient(PFedMoAPClient):
     ``num_experts`` counts the local expert (``method.num_experts``); ``gate.num_heads`` and ``gate.scale`` are not
     used."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], gate: GateConfig | None = None, lam: float = 0.5,
-                 num_experts: int = 10, **kwargs):
+    def __init__(self, backbone: Backbone | str, classnames: list[str], gate: GateConfig | None = None,
+                 lam: float = 0.5, num_experts: int = 10, **kwargs):
         super().__init__(backbone, classnames, gate=gate, lam=lam, **kwargs)
         gate = as_config(GateConfig, gate)
-        self.gate = LinearGate(backbone.feature_dim, num_experts, d_gate=gate.d_gate, top_k=gate.top_k)
+        self.gate = LinearGate(self.backbone.feature_dim, num_experts, d_gate=gate.d_gate, top_k=gate.top_k)

@@ -40,7 +40,7 @@ class PromptFolioClient(CoOpClient):
     ``prompt_learner.ctx``, ``T_l`` those of the local prompt ``local_ctx`` (both trained with the prompt learning
     rate). A plan's extras may set ``theta`` (0 gives the global prompt alone); without it, the default ``theta``."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], theta: float = 0.4,
+    def __init__(self, backbone: Backbone | str, classnames: list[str], theta: float = 0.4,
                  prompt: PromptConfig | None = None, seed: int | None = None, **kwargs):
         super().__init__(backbone, classnames, prompt=prompt, seed=seed, **kwargs)
         prompt = as_config(PromptConfig, prompt)
