@@ -170,6 +170,8 @@ class MethodConfig:
     ot_top_percent: float = 0.8  # fedotp: mass the prompts receive from the patches (TOP_PERCENT=0.80, OT=COT)
     ot_max_iter: int = 100  # fedotp: Sinkhorn iterations at most (MAX_ITER=100 in FedOTP's scripts)
     ot_thresh: float = 1e-3  # fedotp: stop once the mean change of v is below this (THRESH=0.001)
+    cocoop_chunk: int = 32  # cocoop: images whose B x C prompts share one text-tower pass (0: a whole batch)
+    kg_weight: float = 8.0  # kgcoop: weight of the knowledge-guided term (W=8.0 in KgCoOp's scripts/run.sh)
 
 
 @dataclass
@@ -691,6 +693,8 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _number("method.ot_top_percent", m.ot_top_percent, 0.0, 1.0, open_low=True)  # the prompts' mass <= the patches'
     _integer("method.ot_max_iter", m.ot_max_iter, 1)
     _number("method.ot_thresh", m.ot_thresh, 0.0)
+    _integer("method.cocoop_chunk", m.cocoop_chunk, 0)
+    _number("method.kg_weight", m.kg_weight, 0.0)
     rest = m.template.replace("{}", "", 1)
     _check(m.template.count("{}") == 1 and "{" not in rest and "}" not in rest,
            f"method.template must contain exactly one {{}} (the class name) and no other braces "
