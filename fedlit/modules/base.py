@@ -50,6 +50,9 @@ class ClientModule(L.LightningModule):
     """Base class: ``forward(x) -> logits (B, C)`` where ``x`` is images ``(B, 3, H, W)`` or cached image
     features ``(B, D)``; one cross-entropy in ``training_step``; accuracy in validation/test steps."""
 
+    # Whether a class's text features depend on which classes are the candidates (:meth:`candidate_text_features`)
+    text_depends_on_candidates = False
+
     def __init__(self, backbone: Backbone, classnames: list[str], optim: OptimConfig | None = None,
                  epochs: int | None = None):
         super().__init__()
@@ -74,6 +77,13 @@ class ClientModule(L.LightningModule):
     def class_text_features(self) -> Tensor:
         """Normalised class text features ``(C, D)`` of this client's current prompt."""
         raise TypeError(f"{type(self).__name__} must define class_text_features")
+
+    def candidate_text_features(self, classes: list[int] | None = None) -> Tensor:
+        """Class text features ``(C, D)`` for a prediction among ``classes`` only (None: all); rows outside
+        ``classes`` are never read. :meth:`class_text_features` by default, since one class's features do not
+        depend on the others; a module whose features are conditioned on the candidate names (FedTPG) overrides
+        it and sets :attr:`text_depends_on_candidates`."""
+        return self.class_text_features()
 
     def logits_from(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         """Logits ``(B, C)`` from normalised image features ``(B, D)`` and class text features ``(C, D)`` (or
