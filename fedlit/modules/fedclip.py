@@ -61,7 +61,7 @@ class FedCLIPClient(ClientModule):
     :func:`clip_contrastive_loss`; only the adapter is trained (constant lr ``lr``)."""
 
     def __init__(self, backbone: Backbone, classnames: list[str], template: str = "a picture of a {}",
-                 lr: float = 0.01, **kwargs):
+                 lr: float = 1.0, **kwargs):
         super().__init__(backbone, classnames, **kwargs)
         self.template = template
         self.lr = float(lr)
