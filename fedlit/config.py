@@ -169,6 +169,7 @@ class MethodConfig:
     ot_thresh: float = 1e-3  # fedotp: stop once the mean change of v is below this (THRESH=0.001)
     tpg_depth: int = 0  # fedtpg: self-attention blocks after the cross-attention (--model_depth 0 in Launch_FL.py)
     tpg_heads: int = 4  # fedtpg: attention heads of every block (cross_heads=4, self_heads=4 in PromptTranslator)
+    tpg_client_classes: bool = True  # fedtpg: condition (and the softmax) on each client's own classes in training
     clip_adapter_lr: float = 1.0  # fedclip: adapter's SGD lr (fedlit's choice, docs/methods.md; the code: Adam 5e-5)
     clip_adapter_template: str = "a picture of a {}"  # fedclip: class prompt (prompt='a picture of a' in the code)
 

@@ -233,7 +233,8 @@ def _algorithm(tmp_path, *overrides):
 
 @pytest.mark.parametrize("override, message", [
     ("method.tpg_depth=-1", "method.tpg_depth"), ("method.tpg_heads=0", "method.tpg_heads"),
-    ("prompt.ctx_init=a photo of a", "prompt.ctx_init"), ("prompt.class_specific=true", "prompt.class_specific")])
+    ("prompt.ctx_init=a photo of a", "prompt.ctx_init"), ("prompt.class_specific=true", "prompt.class_specific"),
+    ("method.tpg_client_classes=3", "method.tpg_client_classes")])
 def test_bad_settings_are_user_errors(tmp_path, override, message):
     with pytest.raises(UserError, match=message):
         _algorithm(tmp_path, override)
@@ -252,3 +253,44 @@ def test_grouped_training_matches_one_client_at_a_time(tmp_path):
 def test_end_to_end_run_averages_the_generator(tmp_path):
     res = assert_run_averages_the_global_model(tmp_path, "fedtpg", "method.tpg_depth=1")
     assert res["rounds"][0]["loss"] != res["rounds"][1]["loss"]
+
+
+def test_training_conditions_on_the_clients_own_classes_as_the_public_client(tiny_backbone, classnames):
+    module = _module(tiny_backbone, classnames)
+    module.set_client_classes([0, 2])  # what the local trainer does for a client holding classes 0 and 2
+    image = F.normalize(torch.randn(4, tiny_backbone.feature_dim), dim=-1)
+    labels = torch.tensor([0, 2, 2, 0])
+    own = [classnames[0], classnames[2]]
+    with torch.no_grad():  # the public Client: FedTPG.forward(images, available_classes), labels within them
+        names = F.normalize(tiny_backbone.model.encode_text(tiny_backbone.tokenize(["cat", "sea turtle"])), dim=-1)
+        expected = tiny_backbone.logit_scale * image @ public_text_features(tiny_backbone, own,
+                                                                            module.generator(names)).t()
+    logits = module(image)
+    assert torch.allclose(logits[:, [0, 2]], expected, rtol=0, atol=1e-6 * float(tiny_backbone.logit_scale))
+    public_loss = F.cross_entropy(expected, torch.tensor([0, 1, 1, 0]))
+    assert module.loss(logits, labels).item() == pytest.approx(public_loss.item(), abs=1e-6)
+    assert torch.equal(module.client_extras()["condition"], torch.tensor([True, False, True]))
+    module.set_client_classes(None)  # outside training (the trainer's load for evaluation): the trained classes
+    assert torch.equal(module.client_extras()["condition"], torch.ones(3, dtype=torch.bool))
+    off = _module(tiny_backbone, classnames, client_classes=False)
+    off.set_client_classes([0, 2])
+    assert torch.equal(off.client_extras()["condition"], torch.ones(3, dtype=torch.bool))
+
+
+def test_the_local_trainer_gives_each_client_its_own_classes(tmp_path, monkeypatch):
+    seen: list[list[int]] = []
+    original = FedTPGClient.set_client_classes
+
+    def record(self, classes):
+        if classes is not None:
+            seen.append(list(classes))
+        original(self, classes)
+
+    monkeypatch.setattr(FedTPGClient, "set_client_classes", record)
+    orch = build_job(fast_config(tmp_path, "algorithm=fedtpg")).orchestrator(tmp_path / "run")
+    data = orch.trainer.data
+    plans = {c: orch.algorithm.plan(orch.algorithm.init_server(orch.initial), c, None, orch.initial) for c in range(4)}
+    orch.trainer.train(plans, 1)
+    owned = [sorted(set(data.train_labels[data.partition.train_indices[c]].tolist())) for c in range(4)]
+    assert all(len(o) < orch.trainer.module.num_classes for o in owned)  # pathological: a few classes each
+    assert seen[::2] == owned and seen[1::2] == owned  # set when prepared and again when trained

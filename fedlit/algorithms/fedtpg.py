@@ -22,4 +22,5 @@ class FedTPG(GlobalModelAlgorithm):
         cfg = self.cfg
         trained = base_classes(len(classnames)) if cfg.eval.protocol == "base2novel" else None
         return FedTPGClient(backbone, classnames, depth=cfg.method.tpg_depth, heads=cfg.method.tpg_heads,
-                            train_classes=trained, **self.module_kwargs())
+                            train_classes=trained, client_classes=cfg.method.tpg_client_classes,
+                            **self.module_kwargs())

@@ -116,6 +116,10 @@ class ClientModule(L.LightningModule):
         if extras:
             raise KeyError(f"{type(self).__name__} does not take the plan extras {sorted(extras)}")
 
+    def set_client_classes(self, classes: list[int] | None) -> None:
+        """The sorted classes of the labels the client about to train holds (set by the local trainer after each
+        plan is loaded; None outside training). Ignored by default (FedTPG conditions on them)."""
+
     def client_extras(self) -> dict[str, Tensor]:
         """The client's tensors besides its parameters that its loss depends on (derived from :meth:`set_extras`,
         e.g. expert text features or a FedProx centre); the local trainer stacks them over a group. Empty by

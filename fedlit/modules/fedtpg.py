@@ -33,10 +33,12 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return F.layer_norm(x, weight.shape[-1:], eps=LAYER_NORM_EPS) * weight.unsqueeze(-2) + bias.unsqueeze(-2)
 
 
-def attention(params: dict[str, Tensor], prefix: str, query: Tensor, context: Tensor, heads: int) -> Tensor:
-    """``nn.MultiheadAttention(W, heads, kdim, vdim)`` (no dropout, no mask) from its parameters under ``prefix``
+def attention(params: dict[str, Tensor], prefix: str, query: Tensor, context: Tensor, heads: int,
+              keys: Tensor | None = None) -> Tensor:
+    """``nn.MultiheadAttention(W, heads, kdim, vdim)`` (no dropout) from its parameters under ``prefix``
     (``in_proj_weight``, or ``q/k/v_proj_weight`` when ``kdim != W``; ``in_proj_bias``; ``out_proj.*``): queries
-    ``(..., Lq, W)`` attend to ``context (..., Lk, kdim)``, output ``(..., Lq, W)``."""
+    ``(..., Lq, W)`` attend to ``context (..., Lk, kdim)``, output ``(..., Lq, W)``. ``keys`` (``(Lk,)`` or
+    ``(G, Lk)`` booleans) leaves the other context rows out (``key_padding_mask = ~keys``)."""
     bias_q, bias_k, bias_v = params[prefix + "in_proj_bias"].chunk(3, dim=-1)
     if prefix + "in_proj_weight" in params:
         weight_q, weight_k, weight_v = params[prefix + "in_proj_weight"].chunk(3, dim=-2)
@@ -45,7 +47,10 @@ def attention(params: dict[str, Tensor], prefix: str, query: Tensor, context: Te
     q, k, v = linear(query, weight_q, bias_q), linear(context, weight_k, bias_k), linear(context, weight_v, bias_v)
     width = q.shape[-1]
     q, k, v = (t.unflatten(-1, (heads, width // heads)).transpose(-3, -2) for t in (q, k, v))  # (..., h, L, W/h)
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(width // heads), dim=-1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(width // heads)
+    if keys is not None:  # (Lk,) or (G, Lk) -> broadcast over heads and queries
+        scores = scores.masked_fill(~keys.unsqueeze(-2).unsqueeze(-2), float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
     out = (weights @ v).transpose(-3, -2).flatten(-2)
     return linear(out, params[prefix + "out_proj.weight"], params[prefix + "out_proj.bias"])
 
@@ -58,15 +63,18 @@ def feed_forward(params: dict[str, Tensor], prefix: str, x: Tensor) -> Tensor:
     return linear(value * F.gelu(gates), params[prefix + "fc2.weight"], params[prefix + "fc2.bias"])
 
 
-def generate(params: dict[str, Tensor], names: Tensor, depth: int, heads: int, prefix: str = GENERATOR) -> Tensor:
+def generate(params: dict[str, Tensor], names: Tensor, depth: int, heads: int, prefix: str = GENERATOR,
+             classes: Tensor | None = None) -> Tensor:
     """The context ``(n_ctx, W)`` (``(G, n_ctx, W)`` for stacked parameters) that the generator in ``params``
     makes from the normalised class-name features ``names (C, D)``: the query tokens ``soft_prompt`` cross-attend
     to the layer-normed names (no residual, as in the public code), a feed-forward with residual follows, then
-    ``depth`` pre-norm self-attention blocks, each attention and feed-forward with a residual."""
+    ``depth`` pre-norm self-attention blocks, each attention and feed-forward with a residual. ``classes``
+    (booleans ``(C,)``, or ``(G, C)``: one set per client) conditions on those names only, which equals passing
+    ``names[classes]`` up to float rounding."""
     p = prefix
     query = layer_norm(params[p + "soft_prompt"], params[p + "cross_norm.weight"], params[p + "cross_norm.bias"])
     context = layer_norm(names, params[p + "context_norm.weight"], params[p + "context_norm.bias"])
-    x = attention(params, p + "cross_attn.", query, context, heads)
+    x = attention(params, p + "cross_attn.", query, context, heads, keys=classes)
     x = feed_forward(params, p + "cross_ff.", x) + x
     for i in range(depth):
         block = f"{p}blocks.{i}."
@@ -123,15 +131,16 @@ class PromptGenerator(nn.Module):
 class FedTPGClient(ClientModule):
     """Logits ``s * I T^T`` with ``T`` the normalised text features of ``[SOS, ctx, <class>., EOS]`` for one context
     ``ctx = generator(N_S)`` shared by the classes, ``N_S`` the frozen normalised CLIP features of the plain class
-    names of the conditioning set ``S``: the trained classes (``train_classes``, all by default) in training, the
-    candidate classes in evaluation (:meth:`candidate_text_features`). Only the generator is trained (prompt lr,
-    cosine)."""
+    names of the conditioning set ``S``. In training ``S`` is the client's own classes (with ``client_classes``, as
+    the local trainer sets them; the softmax of the loss then covers them only) or else the trained classes
+    (``train_classes``, all by default); in evaluation the candidate classes (:meth:`candidate_text_features`).
+    Only the generator is trained (prompt lr, cosine)."""
 
     text_depends_on_candidates = True
 
     def __init__(self, backbone: Backbone, classnames: list[str], prompt: PromptConfig | None = None,
-                 depth: int = 0, heads: int = 4, train_classes: list[int] | None = None, seed: int | None = None,
-                 cut: bool = True, share_prefix: bool = True, **kwargs):
+                 depth: int = 0, heads: int = 4, train_classes: list[int] | None = None, client_classes: bool = True,
+                 seed: int | None = None, cut: bool = True, share_prefix: bool = True, **kwargs):
         super().__init__(backbone, classnames, **kwargs)
         prompt = as_config(PromptConfig, prompt)
         # The learner keeps the frozen start / class / end tokens; its own ctx is replaced by the generated one.
@@ -144,6 +153,23 @@ class FedTPGClient(ClientModule):
         names = [clean_classname(n) for n in classnames]
         self.register_buffer("name_features", backbone.encode_text(names).float(), persistent=False)
         self.train_classes = None if train_classes is None else list(train_classes)
+        self.client_classes = bool(client_classes)
+        self._own: list[int] | None = None  # the training client's classes (client_classes on)
+
+    def set_client_classes(self, classes: list[int] | None) -> None:
+        """Condition training on the client's own classes (with ``client_classes``; None: the trained classes)."""
+        self._own = None if classes is None or not self.client_classes else list(classes)
+
+    def condition(self) -> Tensor:
+        """The training conditioning set as booleans ``(C,)``: the client's own classes, else the trained ones."""
+        classes = self._own if self._own is not None else self.train_classes
+        mask = torch.zeros(self.num_classes, dtype=torch.bool, device=self.name_features.device)
+        mask[classes if classes is not None else slice(None)] = True
+        return mask
+
+    def client_extras(self) -> dict[str, Tensor]:
+        """The training conditioning set ``(C,)`` (booleans), stacked ``(G, C)`` over a group."""
+        return {"condition": self.condition()}
 
     def context(self, params: dict[str, Tensor] | None = None, classes: list[int] | None = None) -> Tensor:
         """The generated context ``(n_ctx, W)`` (``(G, n_ctx, W)`` for stacked ``params``; default: this module's
@@ -158,13 +184,27 @@ class FedTPGClient(ClientModule):
         return self.prompt_learner.text_features(self.backbone, self.context(classes=classes))
 
     def class_text_features(self) -> Tensor:
-        """Class text features ``(C, D)`` conditioned on the trained classes (as in training)."""
-        return self.candidate_text_features(self.train_classes)
+        """Class text features ``(C, D)`` conditioned on the training conditioning set (:meth:`condition`)."""
+        ctx = generate(self.trainable_parameters(), self.name_features, self.generator.depth, self.generator.heads,
+                       classes=self.condition())
+        return self.prompt_learner.text_features(self.backbone, ctx)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy with the softmax over the conditioning set (the client's own classes, as the code trains)."""
+        return super().loss(logits.masked_fill(~self.condition(), float("-inf")), labels)
 
     def group_logits(self, params: dict[str, Tensor], image_features: Tensor, extras: dict[str, Tensor]) -> Tensor:
-        """Logits ``(G, B, C)`` of G stacked generators: their G contexts through one text-tower pass."""
-        ctx = self.context(params, self.train_classes)
+        """Logits ``(G, B, C)`` of G stacked generators, each conditioned on its client's set: their G contexts
+        through one text-tower pass."""
+        ctx = generate(params, self.name_features, self.generator.depth, self.generator.heads,
+                       classes=extras["condition"])
         return self.logits_from(image_features, self.prompt_learner.text_features(self.backbone, ctx))
+
+    def group_loss(self, logits: Tensor, labels: Tensor, sizes: list[int], params: dict[str, Tensor],
+                   extras: dict[str, Tensor]) -> Tensor:
+        """Each client's cross-entropy over its own conditioning set ``(G,)``."""
+        own = logits.masked_fill(~extras["condition"].unsqueeze(1), float("-inf"))
+        return super().group_loss(own, labels, sizes, params, extras)
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.generator.parameters()), "lr": self.optim.prompt_lr, "schedule": "cosine"}]
