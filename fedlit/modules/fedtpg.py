@@ -171,13 +171,11 @@ class FedTPGClient(ClientModule):
         """The training conditioning set ``(C,)`` (booleans), stacked ``(G, C)`` over a group."""
         return {"condition": self.condition()}
 
-    def context(self, params: dict[str, Tensor] | None = None, classes: list[int] | None = None) -> Tensor:
-        """The generated context ``(n_ctx, W)`` (``(G, n_ctx, W)`` for stacked ``params``; default: this module's
-        generator) conditioned on the names of ``classes`` (None: all classes)."""
-        params = self.trainable_parameters() if params is None else params
+    def context(self, classes: list[int] | None = None) -> Tensor:
+        """This module's generated context ``(n_ctx, W)`` conditioned on the names of ``classes`` (None: all)."""
         names = self.name_features if classes is None else self.name_features[
             torch.as_tensor(classes, device=self.name_features.device)]
-        return generate(params, names, self.generator.depth, self.generator.heads)
+        return generate(self.trainable_parameters(), names, self.generator.depth, self.generator.heads)
 
     def candidate_text_features(self, classes: list[int] | None = None) -> Tensor:
         """Class text features ``(C, D)`` of the context generated from the names of ``classes`` (None: all)."""
