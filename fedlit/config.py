@@ -172,6 +172,11 @@ class MethodConfig:
     ot_thresh: float = 1e-3  # fedotp: stop once the mean change of v is below this (THRESH=0.001)
     cocoop_chunk: int = 32  # cocoop: images whose B x C prompts share one text-tower pass (0: a whole batch)
     kg_weight: float = 8.0  # kgcoop: weight of the knowledge-guided term (W=8.0 in KgCoOp's scripts/run.sh)
+    tpg_depth: int = 0  # fedtpg: self-attention blocks after the cross-attention (--model_depth 0 in Launch_FL.py)
+    tpg_heads: int = 4  # fedtpg: attention heads of every block (cross_heads=4, self_heads=4 in PromptTranslator)
+    tpg_client_classes: bool = True  # fedtpg: condition (and the softmax) on each client's own classes in training
+    clip_adapter_lr: float = 1.0  # fedclip: adapter's SGD lr (fedlit's choice, docs/methods.md; the code: Adam 5e-5)
+    clip_adapter_template: str = "a picture of a {}"  # fedclip: class prompt (prompt='a picture of a' in the code)
 
 
 @dataclass
@@ -695,10 +700,22 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _number("method.ot_thresh", m.ot_thresh, 0.0)
     _integer("method.cocoop_chunk", m.cocoop_chunk, 0)
     _number("method.kg_weight", m.kg_weight, 0.0)
-    rest = m.template.replace("{}", "", 1)
-    _check(m.template.count("{}") == 1 and "{" not in rest and "}" not in rest,
-           f"method.template must contain exactly one {{}} (the class name) and no other braces "
-           f"(got {m.template!r})")
+    _check_template("method.template", m.template)
+    _integer("method.tpg_depth", m.tpg_depth, 0)
+    _integer("method.tpg_heads", m.tpg_heads, 1)
+    _number("method.clip_adapter_lr", m.clip_adapter_lr, 0.0, open_low=True)
+    _check_template("method.clip_adapter_template", m.clip_adapter_template)
+    if cfg.algorithm == "fedtpg":
+        _check(cfg.prompt.ctx_init is None and not cfg.prompt.class_specific,
+               "algorithm=fedtpg generates one shared context from the class names: prompt.ctx_init and "
+               "prompt.class_specific do not apply (unset them)")
+
+
+def _check_template(key: str, template: str) -> None:
+    """A hand prompt with exactly one ``{}`` (the class name) and no other braces."""
+    rest = template.replace("{}", "", 1)
+    _check(template.count("{}") == 1 and "{" not in rest and "}" not in rest,
+           f"{key} must contain exactly one {{}} (the class name) and no other braces (got {template!r})")
 
 
 def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:

@@ -204,3 +204,30 @@ def received_global(server: ServerState, uploads: dict[int, Upload], keys: dict[
     current = {g: server.global_state[g] for g in keys.values() if g in server.global_state}
     states = {c: {g: uploads[c].state.params[u] for u, g in keys.items() if g in current} for c in uploads}
     return received_states(cfg, current, states, server.round + 1)
+
+
+class GlobalModelAlgorithm(Algorithm):
+    """A method whose clients' whole learnable state is one global model (FedCLIP's adapter, FedTPG's prompt
+    generator): every sampled client starts from it, the server combines all uploaded parameters under their own
+    names (:func:`averaged_global`, so DP and the robust rules apply to them) and every client is evaluated with
+    the global model, as the public codes of both evaluate after aggregation."""
+
+    def init_server(self, initial: ClientState) -> ServerState:
+        """The global model starts as the initial client state (the same for every client)."""
+        return ServerState(global_state={n: v.clone() for n, v in initial.params.items()})
+
+    def plan(self, server: ServerState, client_id: int, entry: StoreEntry | None, initial: ClientState) -> ClientPlan:
+        own = entry.state if entry is not None else initial
+        return ClientPlan(start=with_params(own, server.global_state))
+
+    def aggregate(self, server: ServerState, uploads: dict[int, Upload], sizes: dict[int, int]) -> ServerState:
+        new = super().aggregate(server, uploads, sizes)
+        new.global_state = averaged_global(server, uploads, sizes, {n: n for n in server.global_state}, self.cfg)
+        return new
+
+    def eval_plan(self, server: ServerState, client_id: int, entry: StoreEntry | None,
+                  initial: ClientState) -> ClientPlan:
+        return self.global_plan(server, initial)
+
+    def global_plan(self, server: ServerState, initial: ClientState) -> ClientPlan:
+        return ClientPlan(start=with_params(initial, server.global_state))

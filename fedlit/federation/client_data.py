@@ -106,6 +106,11 @@ class ClientData:
         """Number of train samples of client ``cid``."""
         return len(self.partition.train_indices[cid])
 
+    def train_classes(self, cid: int, label_map: Tensor | None = None) -> list[int]:
+        """The sorted classes of client ``cid``'s train labels (mapped by ``label_map (C,)`` first when given)."""
+        labels = self.train_labels[torch.as_tensor(self.partition.train_indices[cid], dtype=torch.long)]
+        return torch.unique(labels if label_map is None else label_map.to(labels.device)[labels]).tolist()
+
     def train_batches(self, cid: int, generator: torch.Generator, device: torch.device) -> Iterator:
         """One epoch of shuffled ``(x, y)`` batches of client ``cid``: features, or images when not cached.
         All randomness (order, augmented view, random transforms) comes from ``generator``."""

@@ -80,7 +80,7 @@ class EvalModel:
     def __init__(self, trainer: LocalTrainer):
         self.trainer = trainer
         self.plan: ClientPlan | None = None
-        self._text: Tensor | None = None
+        self._text: dict[tuple[int, ...] | None, Tensor] = {}
         self._novel: tuple[int, int] | None = None
 
     def use(self, plan: ClientPlan) -> None:
@@ -89,15 +89,18 @@ class EvalModel:
             return
         self.trainer.load(plan)
         self.trainer.module.eval()
-        self.plan, self._text, self._novel = plan, None, None
+        self.plan, self._text, self._novel = plan, {}, None
 
     @torch.no_grad()
-    def text(self) -> Tensor:
-        """Class text features ``(C, D)`` of the held plan (computed on first use)."""
-        if self._text is None:
+    def text(self, classes: list[int] | None = None) -> Tensor:
+        """Class text features ``(C, D)`` of the held plan for a prediction among ``classes`` (None: all; computed
+        on first use, see :meth:`~fedlit.modules.base.ClientModule.candidate_text_features`)."""
+        module = self.trainer.module
+        key = tuple(classes) if classes is not None and module.text_depends_on_candidates else None
+        if key not in self._text:
             with self.trainer.autocast():
-                self._text = self.trainer.module.class_text_features()
-        return self._text
+                self._text[key] = module.candidate_text_features(None if key is None else classes)
+        return self._text[key]
 
     @torch.no_grad()
     def counts(self, inputs: Tensor, labels: Tensor, classes: list[int] | None = None) -> tuple[int, int]:
@@ -105,7 +108,7 @@ class EvalModel:
         chunks of :data:`EVAL_CHUNK`; with ``classes`` the prediction is the best of those classes only (the other
         class names are not candidates)."""
         trainer, module = self.trainer, self.trainer.module
-        text = self.text()
+        text = self.text(classes)
         correct = 0
         candidates = torch.as_tensor(classes, device=trainer.device) if classes is not None else None
         with trainer.autocast():

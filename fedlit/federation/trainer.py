@@ -56,6 +56,7 @@ class _Client:
     momentum: dict[str, Tensor]
     extras: dict[str, Tensor]
     schedule: Schedule
+    classes: list[int]  # the labels it trains on (ClientModule.set_client_classes)
     batches: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (image features (B, D), labels (B,))
     epochs: list[int] = field(default_factory=list)  # epoch of each step
 
@@ -154,10 +155,12 @@ class LocalTrainer:
         """The run's autocast context (none without Fabric)."""
         return self.fabric.autocast() if self.fabric is not None else contextlib.nullcontext()
 
-    def load(self, plan: ClientPlan) -> None:
-        """Put a plan's parameters and extras into the module (for training or evaluation)."""
+    def load(self, plan: ClientPlan, classes: list[int] | None = None) -> None:
+        """Put a plan's parameters and extras into the module (for training or evaluation), and the classes the
+        client trains on (None: not training)."""
         self.module.load_client_state(plan.start.params)
         self.module.set_extras(plan.extras)
+        self.module.set_client_classes(classes)
 
     def empty_upload(self, initial: ClientState) -> Upload:
         """The upload of a client that trained no step: the layout every rank knows, even one without clients."""
@@ -193,7 +196,9 @@ class LocalTrainer:
         batches. Images (when features are not cached) are encoded here: the frozen image tower does not depend
         on the client's state, and only the small features are kept."""
         module = self.module
-        self.load(plan)
+        flip = self._label_flip(module.num_classes) if cid in self.flipped_clients else None
+        classes = self.data.train_classes(cid, flip)
+        self.load(plan, classes)
         params = {n: p.detach().clone() for n, p in module.trainable_parameters().items()}
         momentum = {n: torch.zeros_like(p) for n, p in params.items()}
         if self.persistent_state:
@@ -202,9 +207,8 @@ class LocalTrainer:
                     momentum[name] = state[MOMENTUM].clone().to(params[name])
         extras = {n: t.detach() for n, t in module.client_extras().items()}
         epochs = self.local_epochs if epochs is None else epochs
-        client = _Client(cid, plan, params, momentum, extras, read_schedule(module, epochs))
+        client = _Client(cid, plan, params, momentum, extras, read_schedule(module, epochs), classes)
         generator = client_generator(self.seed, round_index, cid, stream)
-        flip = self._label_flip(module.num_classes) if cid in self.flipped_clients else None
         for epoch in range(epochs):
             for x, y in self.data.train_batches(cid, generator, self.device):
                 if flip is not None:
@@ -230,7 +234,7 @@ class LocalTrainer:
         names = list(group[0].params)
         single = len(group) == 1
         if single:  # the module itself is the client: its own forward and loss
-            self.load(group[0].plan)
+            self.load(group[0].plan, group[0].classes)
             leaves = module.trainable_parameters()
         else:
             leaves = {n: torch.stack([c.params[n] for c in group]).requires_grad_(True) for n in names}

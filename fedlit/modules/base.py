@@ -58,6 +58,9 @@ class ClientModule(L.LightningModule):
     (``--model.backbone=RN50-quickgelu --model.backbone_pretrained=openai``). The hyper-parameters record the
     backbone's name and weights tag either way, and the learning rates in ``optim``."""
 
+    # Whether a class's text features depend on which classes are the candidates (:meth:`candidate_text_features`)
+    text_depends_on_candidates = False
+
     def __init__(self, backbone: Backbone | str, classnames: list[str], optim: OptimConfig | None = None,
                  epochs: int | None = None, backbone_pretrained: str | None = None):
         super().__init__()
@@ -87,6 +90,13 @@ class ClientModule(L.LightningModule):
     def class_text_features(self) -> Tensor:
         """Normalised class text features ``(C, D)`` of this client's current prompt."""
         raise TypeError(f"{type(self).__name__} must define class_text_features")
+
+    def candidate_text_features(self, classes: list[int] | None = None) -> Tensor:
+        """Class text features ``(C, D)`` for a prediction among ``classes`` only (None: all); rows outside
+        ``classes`` are never read. :meth:`class_text_features` by default, since one class's features do not
+        depend on the others; a module whose features are conditioned on the candidate names (FedTPG) overrides
+        it and sets :attr:`text_depends_on_candidates`."""
+        return self.class_text_features()
 
     def logits_from(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         """Logits ``(B, C)`` from normalised image features ``(B, D)`` and class text features ``(C, D)`` (or
@@ -118,6 +128,10 @@ class ClientModule(L.LightningModule):
         subclass consumes its own keys and passes the rest on. An empty dict resets them all."""
         if extras:
             raise KeyError(f"{type(self).__name__} does not take the plan extras {sorted(extras)}")
+
+    def set_client_classes(self, classes: list[int] | None) -> None:
+        """The sorted classes of the labels the client about to train holds (set by the local trainer after each
+        plan is loaded; None outside training). Ignored by default (FedTPG conditions on them)."""
 
     def client_extras(self) -> dict[str, Tensor]:
         """The client's tensors besides its parameters that its loss depends on (derived from :meth:`set_extras`,
