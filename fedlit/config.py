@@ -167,6 +167,11 @@ class MethodConfig:
     ot_top_percent: float = 0.8  # fedotp: mass the prompts receive from the patches (TOP_PERCENT=0.80, OT=COT)
     ot_max_iter: int = 100  # fedotp: Sinkhorn iterations at most (MAX_ITER=100 in FedOTP's scripts)
     ot_thresh: float = 1e-3  # fedotp: stop once the mean change of v is below this (THRESH=0.001)
+    # fedpha: local prompt lengths over contiguous blocks of clients (USER_PROMPT_LENGTHS of FedPHA's
+    # configs/datasets/cifar10.yaml and cifar100.yaml: the first half of the clients 16, the second half 32)
+    pha_lengths: list[int] = field(default_factory=lambda: [16, 32])
+    pha_ratio: float = 0.8  # fedpha: share of the global prompt's singular directions kept (--ratio 0.8 in argparse)
+    pha_alpha: float = 1.0  # fedpha: margin of the push term (--alpha 1.0 in FedPHA's federated_main.py)
 
 
 @dataclass
@@ -681,10 +686,26 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _number("method.ot_top_percent", m.ot_top_percent, 0.0, 1.0, open_low=True)  # the prompts' mass <= the patches'
     _integer("method.ot_max_iter", m.ot_max_iter, 1)
     _number("method.ot_thresh", m.ot_thresh, 0.0)
+    _check_fedpha(m, cfg)
     rest = m.template.replace("{}", "", 1)
     _check(m.template.count("{}") == 1 and "{" not in rest and "}" not in rest,
            f"method.template must contain exactly one {{}} (the class name) and no other braces "
            f"(got {m.template!r})")
+
+
+def _check_fedpha(m: MethodConfig, cfg: Config) -> None:
+    lengths = list(m.pha_lengths)
+    _check(len(lengths) >= 1 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths),
+           f"method.pha_lengths must be a non-empty list of positive integers (got {lengths})")
+    _check(len(lengths) <= cfg.data.num_clients,
+           f"method.pha_lengths has {len(lengths)} lengths for data.num_clients={cfg.data.num_clients}; give at most "
+           "one per client")
+    _number("method.pha_ratio", m.pha_ratio, 0.0, 1.0)
+    _number("method.pha_alpha", m.pha_alpha, 0.0)
+    p = cfg.prompt
+    _check(cfg.algorithm != "fedpha" or (p.ctx_init is None and not p.class_specific and p.class_position == "end"),
+           "algorithm=fedpha draws unified random prompts with the class name at the end (the public code's only "
+           "working setting): unset prompt.ctx_init, prompt.class_specific and prompt.class_position")
 
 
 def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
