@@ -81,9 +81,9 @@ class FedPHAClient(CoOpClient):
                  prompt: PromptConfig | None = None, seed: int | None = None, cut: bool = True, **kwargs):
         prompt = as_config(PromptConfig, prompt)
         if prompt.ctx_init is not None or prompt.class_specific or prompt.class_position != "end":
-            raise UserError("fedpha draws its prompts at random, unified, with the class name at the end (the public "
-                            "code's only working setting): unset prompt.ctx_init, prompt.class_specific and "
-                            "prompt.class_position")
+            raise UserError("fedpha (also run by algorithm=all) draws unified random prompts with the class name at "
+                            "the end (the public code's only working setting): unset prompt.ctx_init, "
+                            "prompt.class_specific and prompt.class_position")
         super().__init__(backbone, classnames, prompt=prompt, seed=seed, cut=cut, **kwargs)
         rows = local_length if max_local_length is None else max_local_length
         if not 1 <= local_length <= rows:
