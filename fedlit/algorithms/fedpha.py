@@ -18,6 +18,7 @@ import torch
 from fedlit.algorithms.base import GLOBAL_PROMPT, client_rng, with_params
 from fedlit.algorithms.promptfl import PromptFL
 from fedlit.backbone import Backbone
+from fedlit.config import Config
 from fedlit.modules import ClientModule
 from fedlit.modules.fedpha import LENGTH, LOCAL, FedPHAClient, local_prompt_init
 from fedlit.state import PROMPT, ClientPlan, ClientState, ServerState, StoreEntry
@@ -34,7 +35,7 @@ def client_lengths(lengths: list[int], num_clients: int) -> list[int]:
 class FedPHA(PromptFL):
     name = "fedpha"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.lengths = client_lengths(list(cfg.method.pha_lengths), cfg.data.num_clients)
 

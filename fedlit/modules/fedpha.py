@@ -181,6 +181,7 @@ class FedPHAClient(CoOpClient):
         return ce + self._take_terms()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Lightning's step: :meth:`loss` of the training-mode logits; accuracy of the local logits."""
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
@@ -202,7 +203,7 @@ class FedPHAClient(CoOpClient):
 
     def client_extras(self) -> dict[str, Tensor]:
         """The FedProx centre and this client's local length (a 0-dim tensor, stacked ``(G,)`` over a group)."""
-        return {**super().client_extras(), LENGTH: torch.tensor(self.local_length)}
+        return {**super().client_extras(), LENGTH: torch.tensor(self.local_length, device=self.local_ctx.device)}
 
     def param_groups(self) -> list[dict]:
         return [{"params": [self.prompt_learner.ctx, self.local_ctx], "lr": self.optim.prompt_lr,
