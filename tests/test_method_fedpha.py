@@ -21,6 +21,7 @@ from fedlit.modules.fedpha import LENGTH, LOCAL, FedPHAClient, kept_directions, 
 from fedlit.state import PROMPT, ClientState, StoreEntry, Upload
 from tests.helpers import only_run_dir
 from tests.method_checks import assert_groups_match_single, assert_run_averages_the_prompt_and_keeps_private
+from tests.test_batched import make_orchestrator, next_round, round_plans, train
 
 
 # -- the public code, re-implemented on an open_clip model (batch-first text tower) -----------------------------------
@@ -299,6 +300,31 @@ def test_bad_settings_are_user_errors(tmp_path, overrides, key):
 def test_grouped_training_matches_one_client_at_a_time(tmp_path):
     # FAST's 4 clients have lengths 16, 16, 32, 32: one group mixes both lengths
     assert_groups_match_single(tmp_path, "fedpha", [PROMPT, LOCAL])
+
+
+def test_groups_of_unequal_clients_and_lengths_match_sequential_training(tmp_path):
+    # lengths 2, 3, 5, 8 (one per client) and unequal step counts: groups pad, mask finished clients and mix lengths.
+    # The SVD's backward scales gradients by 1 / (s_i^2 - s_j^2), large at the 0.02-scale init, so fp32 rounding of
+    # batched matmuls reaches the prompts at about 1e-6 of their scale (seen: up to 1e-6 at lr 0.05): checked at 2e-6.
+    orch = make_orchestrator(tmp_path, "algorithm=fedpha", "method.pha_lengths=[2,3,5,8]")
+    steps = [-(-orch.data.train_size(c) // 16) * 2 for c in range(orch.num_clients)]
+    assert len(set(steps)) > 1
+    server, store = orch.algorithm.init_server(orch.initial), {}
+    for r in (1, 2):
+        plans = round_plans(orch, server, store)
+        sequential = train(orch, plans, r, 1)
+        for size in (2, 4):
+            grouped = train(orch, plans, r, size)
+            for cid, upload in sequential.items():
+                assert upload.steps == grouped[cid].steps == steps[cid]
+                assert upload.loss == pytest.approx(grouped[cid].loss, abs=1e-6)
+                for name in (PROMPT, LOCAL):
+                    assert close(grouped[cid].state.params[name], upload.state.params[name], 2e-6), (r, cid, name)
+        for cid, length in enumerate([2, 3, 5, 8]):
+            local = sequential[cid].state.params[LOCAL]
+            assert (local[:length] - plans[cid].start.params[LOCAL][:length]).abs().max() > 1e-3  # trained
+            assert torch.equal(local[length:], torch.zeros_like(local[length:]))
+        server, store = next_round(orch, server, sequential)
 
 
 def test_end_to_end_run_keeps_private_local_prompts_and_averages_the_global_one(tmp_path):

@@ -4,9 +4,8 @@ Training pulls the local prompt's text features towards those of its projection 
 directions of the global prompt (MSE) and pushes them at least ``alpha`` away from the global prompt's (hinge),
 beside one cross-entropy on each prompt's logits. Test logits are the local prompt's alone.
 
-Prompts of different lengths share one layout: ``[start, ctx[:L], class tokens, '.', end, ...]`` padded with zeros
-at the end to the longest sequence of the call. The tower is causal and pools at each sequence's own end token, so
-the padding is never read, and clients of different lengths train in one text-tower batch.
+Every prompt is ``[start, ctx[:L], class tokens, '.', end]`` read at its own end token; the prompts of a step (a
+client's or a group's) go through the text tower in one pass per distinct length.
 """
 
 from __future__ import annotations
@@ -101,32 +100,43 @@ class FedPHAClient(CoOpClient):
 
     # -- prompts of any length -------------------------------------------------------------------------------------
     def encode_contexts(self, contexts: list[Tensor]) -> Tensor:
-        """Normalised class text features ``(N, C, D)`` of N contexts of their own lengths (each ``(L_n, W)``), in
-        one text-tower pass: ``[start, ctx_n, class tokens, '.', end]`` zero-padded to one length, each pooled at its
-        own end token."""
-        learner, backbone = self.prompt_learner, self.backbone
-        prefix, suffix = learner.token_prefix.to(contexts[0].dtype), learner.token_suffix.to(contexts[0].dtype)
-        classes, width = suffix.shape[0], suffix.shape[-1]
+        """Normalised class text features ``(N, C, D)`` of N contexts of their own lengths (each ``(L_n, W)``): one
+        text-tower pass per distinct length, over every context of that length."""
         lengths = [int(c.shape[0]) for c in contexts]
-        total = backbone.context_length if self.full_length else 1 + max(lengths) + suffix.shape[1]
-        rows = []
-        for ctx in contexts:
-            seq = torch.cat([prefix, ctx.unsqueeze(0).expand(classes, -1, -1), suffix], dim=1)[:, :total]
-            if seq.shape[1] < total:
-                seq = torch.cat([seq, seq.new_zeros(classes, total - seq.shape[1], width)], dim=1)
-            rows.append(seq)
-        embeddings = torch.stack(rows)  # (N, C, T, W)
-        shift = torch.tensor(lengths, device=learner.eot_index.device) - learner.n_ctx
-        eot = learner.eot_index.unsqueeze(0) + shift.unsqueeze(1)  # (N, C): each sequence's own end token
-        shared = 1 + min(lengths)  # start token + the context rows every prompt of the call has
-        if learner.shared_length and shared > 1:
-            return backbone.encode_shared_prefix(embeddings[:, 0, :shared], embeddings[:, :, shared:], eot)
-        return backbone.encode_prompts(embeddings, eot)
+        features: list[Tensor | None] = [None] * len(contexts)
+        for length in sorted(set(lengths)):
+            members = [i for i, n in enumerate(lengths) if n == length]
+            encoded = self.encode_length(torch.stack([contexts[i] for i in members]))
+            for j, i in enumerate(members):
+                features[i] = encoded[j]
+        return torch.stack(features)
+
+    def encode_length(self, ctx: Tensor) -> Tensor:
+        """Normalised class text features ``(N, C, D)`` of N contexts of one length ``ctx (N, L, W)``: the sequences
+        ``[start, ctx, class tokens, '.', end]`` read at their end token ``eot(n_ctx) - n_ctx + L``. Full-context
+        sequences (no cut, or a tower that sees every position) are cut or zero-padded to the context, as the public
+        code's ``pad_to_77``."""
+        learner, backbone = self.prompt_learner, self.backbone
+        groups, length, width = ctx.shape
+        prefix, suffix = learner.token_prefix.to(ctx.dtype), learner.token_suffix.to(ctx.dtype)
+        classes = suffix.shape[0]
+        embeddings = torch.cat([prefix.expand(groups, -1, -1, -1), ctx.unsqueeze(1).expand(-1, classes, -1, -1),
+                                suffix.expand(groups, -1, -1, -1)], dim=2)  # (N, C, 1 + L + S, W)
+        if self.full_length:
+            total = backbone.context_length
+            embeddings = embeddings[:, :, :total]
+            if embeddings.shape[2] < total:
+                pad = embeddings.new_zeros(groups, classes, total - embeddings.shape[2], width)
+                embeddings = torch.cat([embeddings, pad], dim=2)
+        eot = learner.eot_index + (length - learner.n_ctx)  # (C,)
+        if learner.shared_length:  # start token + context: the same for every class
+            return backbone.encode_shared_prefix(embeddings[:, 0, : 1 + length], embeddings[:, :, 1 + length :], eot)
+        return backbone.encode_prompts(embeddings, eot.expand(groups, -1))
 
     def prompt_features(self, global_ctx: Tensor, local_ctx: Tensor, lengths: list[int]) -> tuple[Tensor, ...]:
         """``(T_g, T_l, T_p)``, each ``(G, C, D)``, of G clients' global prompts ``(G, n_ctx, W)``, local prompts
         ``(G, R, W)`` cut to their ``lengths`` and the local prompts' projections (:func:`project_local`), in one
-        text-tower pass."""
+        text-tower pass per distinct length."""
         projected = project_local(local_ctx, global_ctx, self.ratio)
         groups = len(lengths)
         contexts = ([global_ctx[g] for g in range(groups)] + [local_ctx[g, :n] for g, n in enumerate(lengths)]
