@@ -72,7 +72,7 @@ class FedPHAClient(CoOpClient):
 
     In eval mode the logits are ``s I T_l^T`` (``L = 0``: the global prompt's ``s I T_g^T``). In training mode the
     forward returns the stacked local and global logits ``(2, B, C)`` and :meth:`loss` is
-    ``CE(local) + CE(global) + pull + push`` (:func:`pull_push_loss`; the terms come from the same text-tower pass
+    ``CE(local) + CE(global) + pull + push`` (:func:`pull_push_loss`; the terms come from the same text-tower passes
     as the logits). Both prompts train with the prompt lr."""
 
     def __init__(self, backbone: Backbone, classnames: list[str], local_length: int = 16,
