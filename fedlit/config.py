@@ -177,6 +177,11 @@ class MethodConfig:
     tpg_client_classes: bool = True  # fedtpg: condition (and the softmax) on each client's own classes in training
     clip_adapter_lr: float = 1.0  # fedclip: adapter's SGD lr (fedlit's choice, docs/methods.md; the code: Adam 5e-5)
     clip_adapter_template: str = "a picture of a {}"  # fedclip: class prompt (prompt='a picture of a' in the code)
+    # fedpha: local prompt lengths over contiguous blocks of clients (USER_PROMPT_LENGTHS of FedPHA's
+    # configs/datasets/cifar10.yaml and cifar100.yaml: the first half of the clients 16, the second half 32)
+    pha_lengths: list[int] = field(default_factory=lambda: [16, 32])
+    pha_ratio: float = 0.8  # fedpha: share of the global prompt's singular directions kept (--ratio 0.8 in argparse)
+    pha_alpha: float = 1.0  # fedpha: margin of the push term (--alpha 1.0 in FedPHA's federated_main.py)
 
 
 @dataclass
@@ -701,6 +706,7 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _integer("method.cocoop_chunk", m.cocoop_chunk, 0)
     _number("method.kg_weight", m.kg_weight, 0.0)
     _check_template("method.template", m.template)
+    _check_fedpha(m, cfg)
     _integer("method.tpg_depth", m.tpg_depth, 0)
     _integer("method.tpg_heads", m.tpg_heads, 1)
     _number("method.clip_adapter_lr", m.clip_adapter_lr, 0.0, open_low=True)
@@ -716,6 +722,21 @@ def _check_template(key: str, template: str) -> None:
     rest = template.replace("{}", "", 1)
     _check(template.count("{}") == 1 and "{" not in rest and "}" not in rest,
            f"{key} must contain exactly one {{}} (the class name) and no other braces (got {template!r})")
+
+
+def _check_fedpha(m: MethodConfig, cfg: Config) -> None:
+    lengths = list(m.pha_lengths)
+    _check(len(lengths) >= 1 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths),
+           f"method.pha_lengths must be a non-empty list of positive integers (got {lengths})")
+    _check(len(lengths) <= cfg.data.num_clients,
+           f"method.pha_lengths has {len(lengths)} lengths for data.num_clients={cfg.data.num_clients}; give at most "
+           "one per client")
+    _number("method.pha_ratio", m.pha_ratio, 0.0, 1.0)
+    _number("method.pha_alpha", m.pha_alpha, 0.0)
+    p = cfg.prompt
+    _check(cfg.algorithm != "fedpha" or (p.ctx_init is None and not p.class_specific and p.class_position == "end"),
+           "algorithm=fedpha draws unified random prompts with the class name at the end (the public code's only "
+           "working setting): unset prompt.ctx_init, prompt.class_specific and prompt.class_position")
 
 
 def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
