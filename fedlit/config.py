@@ -71,6 +71,7 @@ BOOLEAN_WORDS = ("", "false", "true", "none", "null")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "geometric_median", "centered_clipping", "monna")
 PRE_AGGREGATORS = ("none", "nnm", "bucketing", "clipping")
 ATTACKS = ("none", "sign_flip", "gaussian", "label_flip", "alie", "zero")
+UPLOAD_ATTACKS = ("sign_flip", "gaussian", "alie", "zero")  # the attacks that change what a client uploads
 
 
 class ConfigError(UserError):
@@ -167,6 +168,7 @@ class MethodConfig:
     ot_top_percent: float = 0.8  # fedotp: mass the prompts receive from the patches (TOP_PERCENT=0.80, OT=COT)
     ot_max_iter: int = 100  # fedotp: Sinkhorn iterations at most (MAX_ITER=100 in FedOTP's scripts)
     ot_thresh: float = 1e-3  # fedotp: stop once the mean change of v is below this (THRESH=0.001)
+    dpfpl_rank: int = 8  # dpfpl: rank of the local prompt's factorisation (--rank 8 in DP-FPL; capped at n_ctx)
 
 
 @dataclass
@@ -681,6 +683,7 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _number("method.ot_top_percent", m.ot_top_percent, 0.0, 1.0, open_low=True)  # the prompts' mass <= the patches'
     _integer("method.ot_max_iter", m.ot_max_iter, 1)
     _number("method.ot_thresh", m.ot_thresh, 0.0)
+    _integer("method.dpfpl_rank", m.dpfpl_rank, 1)
     rest = m.template.replace("{}", "", 1)
     _check(m.template.count("{}") == 1 and "{" not in rest and "}" not in rest,
            f"method.template must contain exactly one {{}} (the class name) and no other braces "
@@ -702,6 +705,23 @@ def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
     _check(p.clip is None or p.local or not robust,
            f"central DP (privacy.clip) bounds the sum of updates, not robust.aggregator={cfg.robust.aggregator} / "
            f"robust.pre={cfg.robust.pre}; use robust.aggregator=mean and robust.pre=none, or privacy.local=true")
+
+
+SYNCHRONOUS_ALGORITHMS = ("dpfpl",)  # methods on the synchronous mode (fedlit/federation/synchronous.py)
+
+
+def _check_synchronous(cfg: Config) -> None:
+    """Robust rules and upload attacks act on a round's uploads, which the synchronous mode does not combine."""
+    runs = [a for a in SYNCHRONOUS_ALGORITHMS if cfg.algorithm in (a, "all")]
+    if not runs:
+        return
+    robust = cfg.robust.aggregator != "mean" or cfg.robust.pre != "none"
+    what = (f"robust.aggregator={cfg.robust.aggregator} / robust.pre={cfg.robust.pre}" if robust
+            else f"attack.kind={cfg.attack.kind}" if cfg.attack.kind in UPLOAD_ATTACKS else None)
+    _check(what is None, f"{what} acts on round uploads, but algorithm={runs[0]}"
+                         f"{' (part of algorithm=all)' if cfg.algorithm == 'all' else ''} combines per-step "
+                         "gradients (synchronous mode); use robust.aggregator=mean, robust.pre=none and attack.kind "
+                         "none or label_flip, or another algorithm")
 
 
 def _check_robust(r: RobustConfig) -> None:
@@ -783,5 +803,6 @@ def validate(cfg: Config) -> None:
     _check_robust(cfg.robust)
     _check_privacy(cfg.privacy, cfg)
     _check_attack(cfg.attack)
+    _check_synchronous(cfg)
     _check_trainer(cfg.trainer)
     _check_run(cfg.run)

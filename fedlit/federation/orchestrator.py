@@ -35,6 +35,7 @@ from fedlit.federation.sampling import (
 )
 from fedlit.federation.signals import STOP, Preempted
 from fedlit.federation.store import DiskStore, MemoryStore, RecordTable, choose_backend, estimated_bytes
+from fedlit.federation.synchronous import steps_bound, train_synchronous
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
 from fedlit.metrics import base_novel_metrics, domain_metrics, round_metrics
 from fedlit.modules import ClientModule
@@ -99,6 +100,8 @@ class Orchestrator:
         self.store_backend = choose_backend(cfg.store.backend, estimated_bytes(
             self.initial.flat(), self.num_clients, cfg.optim.persistent_state), cfg.store.memory_budget_mb)
         self.store_directory = Path(cfg.store.directory).expanduser() if cfg.store.directory else self.run_dir / "store"
+        if algorithm.synchronous:
+            algorithm.bind_steps(steps_bound(data, cfg.fed.local_epochs))
 
     @property
     def module(self) -> ClientModule:
@@ -206,9 +209,12 @@ class Orchestrator:
         # serve keep() alone, which depends on the server state only (see Algorithm.keep)
         entries = state.store.get_many(mine)
         plans = algorithm.plan_round(server, {cid: entries.get(cid) for cid in sampled}, self.initial)
-        local = self.trainer.train({cid: plans[cid] for cid in mine}, r)
-        uploads = gather_uploads(self.fabric, local, self.trainer.empty_upload(self.initial),
-                                 max(len(a) for a in assignment))
+        slots = max(len(a) for a in assignment)
+        if algorithm.synchronous:  # lock-step: one gradient gather per step, then the uploads' gather below
+            local = train_synchronous(self.trainer, algorithm, plans, mine, r, self.fabric, slots)
+        else:
+            local = self.trainer.train({cid: plans[cid] for cid in mine}, r)
+        uploads = gather_uploads(self.fabric, local, self.trainer.empty_upload(self.initial), slots)
         kept = self._finite(uploads, sampled, r)
         for cid in kept:
             entry = StoreEntry(uploads[cid].state, algorithm.keep(plans[cid]), last_round=r)
