@@ -5,7 +5,8 @@ aggregation and stores their typed results without reading them), and the algori
 processes exist. Server state and the client store are replicated on every rank: every rank plans every sampled
 client, trains only its own share (:class:`~fedlit.federation.trainer.LocalTrainer`), and receives everybody's
 uploads through one all-gather, so any rank can run any client next round and 1 or N processes give the same
-numbers.
+numbers. A synchronous algorithm (``Algorithm.synchronous``) trains its round in lock-step instead, with one more
+gather per step (:mod:`fedlit.federation.synchronous`).
 """
 
 from __future__ import annotations
