@@ -163,3 +163,26 @@ def test_a_dpfpl_run_reports_the_epsilon_of_its_steps_and_resumes_bitwise(tmp_pa
     for cid, entry in a["store"].items():
         for name, value in entry["state"].items():
             assert torch.equal(value, b["store"][cid]["state"][name]), (cid, name)
+
+
+def test_clients_whose_batches_are_used_up_sit_out_the_remaining_steps(tmp_path, monkeypatch):
+    cfg = fast_config(tmp_path, "algorithm=dpfpl", "data.num_clients=5", "data.batch_size=16", "fed.local_epochs=2")
+    orch = build_job(cfg).orchestrator(tmp_path / "run")
+    steps = client_steps(orch.data, list(range(5)), 2)
+    assert steps == {0: 6, 1: 6, 2: 6, 3: 6, 4: 8}  # 48 or 64 samples per client: 3 or 4 batches of 16
+    seen: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
+    original = orch.algorithm.combine_gradients
+
+    def record(grads, step):
+        seen.append((step.step, step.clients, tuple(sorted(grads))))
+        return original(grads, step)
+
+    monkeypatch.setattr(orch.algorithm, "combine_gradients", record)
+    server = orch.algorithm.init_server(orch.initial)
+    plans = {c: orch.algorithm.plan(server, c, None, orch.initial) for c in range(5)}
+    uploads = synchronous.train_synchronous(orch.trainer, orch.algorithm, plans, list(range(5)), 1)
+    assert [s for s, _, _ in seen] == list(range(8))
+    assert all(clients == grads == ((0, 1, 2, 3, 4) if t < 6 else (4,)) for t, clients, grads in seen)
+    assert {c: u.steps for c, u in uploads.items()} == steps
+    final = uploads[0].state.params[PROMPT]
+    assert all(torch.equal(u.state.params[PROMPT], final) for u in uploads.values())  # one global prompt
