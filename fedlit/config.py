@@ -74,6 +74,7 @@ BOOLEAN_WORDS = ("", "false", "true", "none", "null")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "geometric_median", "centered_clipping", "monna")
 PRE_AGGREGATORS = ("none", "nnm", "bucketing", "clipping")
 ATTACKS = ("none", "sign_flip", "gaussian", "label_flip", "alie", "zero")
+UPLOAD_ATTACKS = ("sign_flip", "gaussian", "alie", "zero")  # the attacks that change what a client uploads
 
 
 class ConfigError(UserError):
@@ -182,6 +183,7 @@ class MethodConfig:
     pha_lengths: list[int] = field(default_factory=lambda: [16, 32])
     pha_ratio: float = 0.8  # fedpha: share of the global prompt's singular directions kept (--ratio 0.8 in argparse)
     pha_alpha: float = 1.0  # fedpha: margin of the push term (--alpha 1.0 in FedPHA's federated_main.py)
+    dpfpl_rank: int = 8  # dpfpl: rank of the local prompt's factorisation (--rank 8 in DP-FPL; capped at n_ctx)
 
 
 @dataclass
@@ -707,6 +709,7 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _number("method.kg_weight", m.kg_weight, 0.0)
     _check_template("method.template", m.template)
     _check_fedpha(m, cfg)
+    _integer("method.dpfpl_rank", m.dpfpl_rank, 1)
     _integer("method.tpg_depth", m.tpg_depth, 0)
     _integer("method.tpg_heads", m.tpg_heads, 1)
     _number("method.clip_adapter_lr", m.clip_adapter_lr, 0.0, open_low=True)
@@ -754,6 +757,23 @@ def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
     _check(p.clip is None or p.local or not robust,
            f"central DP (privacy.clip) bounds the sum of updates, not robust.aggregator={cfg.robust.aggregator} / "
            f"robust.pre={cfg.robust.pre}; use robust.aggregator=mean and robust.pre=none, or privacy.local=true")
+
+
+SYNCHRONOUS_ALGORITHMS = ("dpfpl",)  # methods on the synchronous mode (fedlit/federation/synchronous.py)
+
+
+def _check_synchronous(cfg: Config) -> None:
+    """Robust rules and upload attacks act on a round's uploads, which the synchronous mode does not combine."""
+    runs = [a for a in SYNCHRONOUS_ALGORITHMS if cfg.algorithm in (a, "all")]
+    if not runs:
+        return
+    robust = cfg.robust.aggregator != "mean" or cfg.robust.pre != "none"
+    what = (f"robust.aggregator={cfg.robust.aggregator} / robust.pre={cfg.robust.pre}" if robust
+            else f"attack.kind={cfg.attack.kind}" if cfg.attack.kind in UPLOAD_ATTACKS else None)
+    _check(what is None, f"{what} acts on round uploads, but algorithm={runs[0]}"
+                         f"{' (part of algorithm=all)' if cfg.algorithm == 'all' else ''} combines per-step "
+                         "gradients (synchronous mode); use robust.aggregator=mean, robust.pre=none and attack.kind "
+                         "none or label_flip, or another algorithm")
 
 
 def _check_robust(r: RobustConfig) -> None:
@@ -835,5 +855,6 @@ def validate(cfg: Config) -> None:
     _check_robust(cfg.robust)
     _check_privacy(cfg.privacy, cfg)
     _check_attack(cfg.attack)
+    _check_synchronous(cfg)
     _check_trainer(cfg.trainer)
     _check_run(cfg.run)

@@ -21,6 +21,7 @@ from fedlit.federation.sampling import sample_size
 
 CENTRAL_NOISE_STREAM = 67_867_967  # the server's noise of a round
 LOCAL_NOISE_STREAM = 86_028_121  # a client's own noise of a round (local DP)
+STEP_NOISE_STREAM = 52_706_189  # the noise of one synchronous step (seeded by round and step too)
 
 
 def _dp_accounting() -> Any:
@@ -97,6 +98,29 @@ def privacy_report(cfg: Config, rounds: int) -> dict[str, float]:
     return {"epsilon": eps, "noise_multiplier": z}
 
 
+def step_noise_multiplier(cfg: Config, steps: int) -> float:
+    """``z`` of each step of the synchronous mode, whose rounds take at most ``steps`` steps per client:
+    ``privacy.noise_multiplier``, or with ``privacy.target_epsilon`` the round's calibrated ``z`` (see
+    :func:`noise_multiplier`) times ``sqrt(steps)`` (``steps`` Gaussian steps of multiplier ``z`` on the same clients
+    compose to one Gaussian of multiplier ``z / sqrt(steps)``)."""
+    if cfg.privacy.target_epsilon is None:
+        return float(cfg.privacy.noise_multiplier)
+    return noise_multiplier(cfg) * math.sqrt(steps)
+
+
+def step_privacy_report(cfg: Config, rounds: int, steps: int) -> dict[str, float]:
+    """:func:`privacy_report` of the synchronous mode after ``rounds`` rounds of at most ``steps`` noised steps per
+    client: each round is the Gaussian of multiplier ``z / sqrt(steps)`` (``z`` per step), Poisson-sampled at ``q``
+    (central) or seen whole (local), composed over ``rounds``."""
+    if not enabled(cfg):
+        return {}
+    z = step_noise_multiplier(cfg, steps)
+    if z <= 0:
+        return {}
+    eps = epsilon(rounds, sampling_rate(cfg), z / math.sqrt(steps), float(cfg.privacy.delta), cfg.privacy.local)
+    return {"epsilon": eps, "noise_multiplier": z}
+
+
 def clip_rows(updates: np.ndarray, clip: float) -> np.ndarray:
     """Each row of ``updates`` ``(n, d)`` scaled by ``min(1, clip / ||row||)``: every row's L2 norm is at most
     ``clip``. Returns a new ``(n, d)`` array."""
@@ -104,13 +128,17 @@ def clip_rows(updates: np.ndarray, clip: float) -> np.ndarray:
     return updates * np.minimum(1.0, clip / np.maximum(norms, 1e-300))
 
 
-def central_noise(size: int, std: float, seed: int, round_index: int) -> np.ndarray:
-    """``N(0, std²)`` noise ``(size,)`` (float64) of the server in round ``round_index``: seeded by (seed, round)
-    only, so every rank, process layout and resumed run draws the same values."""
-    return np.random.default_rng([seed, round_index, CENTRAL_NOISE_STREAM]).normal(0.0, std, size)
+def central_noise(size: int, std: float, seed: int, round_index: int, step: int | None = None) -> np.ndarray:
+    """``N(0, std²)`` noise ``(size,)`` (float64) of the server in round ``round_index`` (and synchronous ``step``):
+    seeded by (seed, round[, step]) only, so every rank, process layout and resumed run draws the same values."""
+    key = [seed, round_index, CENTRAL_NOISE_STREAM] if step is None else [seed, round_index, step, STEP_NOISE_STREAM]
+    return np.random.default_rng(key).normal(0.0, std, size)
 
 
-def local_noise(size: int, std: float, seed: int, round_index: int, client_id: int) -> np.ndarray:
-    """``N(0, std²)`` noise ``(size,)`` (float64) of one client in one round (local DP), seeded by (seed, round,
-    client)."""
-    return np.random.default_rng([seed, round_index, client_id, LOCAL_NOISE_STREAM]).normal(0.0, std, size)
+def local_noise(size: int, std: float, seed: int, round_index: int, client_id: int,
+                step: int | None = None) -> np.ndarray:
+    """``N(0, std²)`` noise ``(size,)`` (float64) of one client in one round (and synchronous ``step``; local DP),
+    seeded by (seed, round[, step], client)."""
+    key = ([seed, round_index, client_id, LOCAL_NOISE_STREAM] if step is None
+           else [seed, round_index, step, client_id, LOCAL_NOISE_STREAM, STEP_NOISE_STREAM])
+    return np.random.default_rng(key).normal(0.0, std, size)

@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from fedlit.config import AttackConfig, RobustConfig
+from fedlit.config import UPLOAD_ATTACKS, AttackConfig, RobustConfig
 from fedlit.errors import UserError
 
 BUCKETING_STREAM = 122_949_829  # bucketing's permutation of a round
 ATTACK_NOISE_STREAM = 141_650_939  # a gaussian attacker's update of a round
-UPLOAD_ATTACKS = ("sign_flip", "gaussian", "alie", "zero")  # the attacks that change what a client uploads
 
 
 def _byzfl() -> Any:

@@ -128,3 +128,13 @@ class ServerState:
         """Inverse of :meth:`to_dict` (records absent: none)."""
         records = {int(c): r for c, r in data.get("client_records", {}).items()}
         return cls(dict(data["global_state"]), dict(data["extras"]), int(data["round"]), records)
+
+
+@dataclass(frozen=True)
+class SyncStep:
+    """One lock-step of the synchronous mode: the round (from 1), the step within it (from 0) and the clients that
+    take it (ascending ids: the round's clients with a batch left at this step)."""
+
+    round: int
+    step: int
+    clients: tuple[int, ...]

@@ -18,7 +18,7 @@ from fedlit.backbone import Backbone
 from fedlit.config import Config
 from fedlit.federation.sampling import attacked_clients
 from fedlit.modules import ClientModule
-from fedlit.state import PROMPT, ClientPlan, ClientState, Params, ServerState, StoreEntry, Upload
+from fedlit.state import PROMPT, ClientPlan, ClientState, Params, ServerState, StoreEntry, SyncStep, Upload
 
 GLOBAL_PROMPT = "ctx"  # the global prompt P_g in ServerState.global_state
 
@@ -49,9 +49,13 @@ class Algorithm(abc.ABC):
 
     name = "base"
     trains = True
+    # True: every round runs as lock-step local steps (fedlit/federation/synchronous.py), each step combining the
+    # clients' gradients of the shared parameters (combine_gradients); False: clients train a round alone
+    synchronous = False
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.steps_bound: int | None = None  # synchronous mode: the most steps a client takes in a round
 
     # -- client model -------------------------------------------------------------------------------------------
     def module_kwargs(self) -> dict:
@@ -112,8 +116,59 @@ class Algorithm(abc.ABC):
 
     def report(self, server: ServerState) -> dict[str, Any]:
         """Method-agnostic numbers merged into each evaluated round's metrics row: the privacy spent so far
-        (``epsilon``, ``noise_multiplier``) when updates are noised, recomputed from ``server.round``."""
-        return privacy.privacy_report(self.cfg, server.round) if self.trains else {}
+        (``epsilon``, ``noise_multiplier``) when updates (synchronous mode: gradients) are noised, recomputed from
+        ``server.round``."""
+        if not self.trains:
+            return {}
+        if self.synchronous:
+            return privacy.step_privacy_report(self.cfg, server.round, self.bound())
+        return privacy.privacy_report(self.cfg, server.round)
+
+    # -- the synchronous mode -----------------------------------------------------------------------------------
+    def shared_parameters(self) -> tuple[str, ...]:
+        """Synchronous mode: the client parameters every step updates with one combined gradient; every plan of a
+        round starts them from the same values (the global prompt by default)."""
+        return (PROMPT,)
+
+    def bind_steps(self, steps: int) -> None:
+        """Synchronous mode: the most steps any client takes in a round (the backend counts them from the partition,
+        the same on every rank); per-step noise and its accounting use it."""
+        self.steps_bound = int(steps)
+
+    def bound(self) -> int:
+        """The bound of :meth:`bind_steps` (ValueError before the backend has bound it)."""
+        if self.steps_bound is None:
+            raise ValueError(f"{self.name}: the backend has not bound the steps per round (bind_steps)")
+        return self.steps_bound
+
+    def combine_gradients(self, grads: dict[int, Params], step: SyncStep) -> Params:
+        """Synchronous mode: the one gradient every client applies to its shared parameters at ``step``, from the
+        active clients' gradients (client id -> shared name -> tensor): their unweighted mean in client-id order
+        (float64, cast back). With ``privacy.clip = C``: each client's gradient (all shared tensors as one vector)
+        clipped to ``C``, plus ``N(0, (z C)²)`` on the sum (central, seeded by (seed, round, step)) or on each
+        clipped gradient (local, seeded by (seed, round, step, client)), ``z`` per step
+        (:func:`fedlit.privacy.step_noise_multiplier`), divided by the number of active clients."""
+        ids = sorted(grads)
+        like = grads[ids[0]]
+        rows = np.stack([flatten(grads[c]) for c in ids])
+        if not privacy.enabled(self.cfg):
+            return unflatten(rows.sum(axis=0) / len(ids), like)
+        cfg = self.cfg
+        clip = float(cfg.privacy.clip)
+        std = privacy.step_noise_multiplier(cfg, self.bound()) * clip
+        rows = privacy.clip_rows(rows, clip)
+        size = rows.shape[1]
+        if cfg.privacy.local:
+            rows += np.stack([privacy.local_noise(size, std, cfg.seed, step.round, c, step=step.step) for c in ids])
+        total = rows.sum(axis=0)
+        if not cfg.privacy.local:
+            total += privacy.central_noise(size, std, cfg.seed, step.round, step=step.step)
+        return unflatten(total / len(ids), like)
+
+    def private_gradients(self, client_id: int, params: Params, grads: Params, step: SyncStep) -> Params:
+        """Synchronous mode: the gradients a client applies to its own (not shared) parameters ``params`` at
+        ``step``, from its autograd gradients ``grads`` (same names); unchanged by default."""
+        return grads
 
 
 def flatten(params: Params) -> np.ndarray:

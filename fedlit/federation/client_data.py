@@ -111,6 +111,10 @@ class ClientData:
         labels = self.train_labels[torch.as_tensor(self.partition.train_indices[cid], dtype=torch.long)]
         return torch.unique(labels if label_map is None else label_map.to(labels.device)[labels]).tolist()
 
+    def batches_per_epoch(self, cid: int) -> int:
+        """Number of batches :meth:`train_batches` yields per epoch for client ``cid`` (known without drawing)."""
+        return -(-self._epoch_length(self.train_size(cid)) // self.batch_size)
+
     def train_batches(self, cid: int, generator: torch.Generator, device: torch.device) -> Iterator:
         """One epoch of shuffled ``(x, y)`` batches of client ``cid``: features, or images when not cached.
         All randomness (order, augmented view, random transforms) comes from ``generator``."""

@@ -1,4 +1,4 @@
-"""One flat, padded all-gather of client uploads per round.
+"""One flat, padded all-gather of client uploads per round (and of gradients per synchronous step).
 
 Every rank packs its clients' uploads (:class:`~fedlit.state.Upload`, flattened to tensors with the same names and
 shapes) into rows of one float32
@@ -38,17 +38,32 @@ def unflatten_state(flat: Tensor, layout) -> State:
     return out
 
 
+def gather_rows(fabric, rows: dict[int, Tensor], width: int, slots: int) -> dict[int, Tensor]:
+    """Every rank's float32 rows ``(width,)`` (client id -> row) on every rank, through one ``all_gather`` of a
+    ``(slots, 1 + width)`` buffer whose first column is the client id (-1: padding); ``slots`` is at least the
+    most rows a rank holds (every rank knows it from the assignment)."""
+    if fabric is None or fabric.world_size == 1:
+        return dict(rows)
+    buffer = torch.zeros(slots, 1 + width, dtype=torch.float32)
+    buffer[:, 0] = -1
+    for row, cid in enumerate(sorted(rows)):
+        buffer[row, 0] = cid
+        buffer[row, 1:] = rows[cid]
+    gathered = fabric.all_gather(buffer.to(fabric.device)).cpu().reshape(-1, 1 + width)
+    return {int(r[0]): r[1:] for r in gathered if r[0] >= 0}
+
+
+def layout_size(layout) -> int:
+    """Number of float32 entries :func:`flatten_state` gives for ``layout``."""
+    return sum(int(torch.tensor(shape).prod()) if shape else 1 for _, shape, _ in layout)
+
+
 def gather_uploads(fabric, local: dict[int, Upload], template: Upload, slots: int) -> dict[int, Upload]:
     """Every rank's uploads on every rank, through one ``all_gather`` of a ``(slots, 1 + S)`` buffer; ``template``
     is an upload of the common layout (every rank knows it, also one that trained no client this round)."""
     if fabric is None or fabric.world_size == 1:
         return dict(local)
     layout = state_layout(template.flat())
-    size = sum(int(torch.tensor(shape).prod()) if shape else 1 for _, shape, _ in layout)
-    buffer = torch.zeros(slots, 1 + size, dtype=torch.float32)
-    buffer[:, 0] = -1
-    for row, cid in enumerate(sorted(local)):
-        buffer[row, 0] = cid
-        buffer[row, 1:] = flatten_state(local[cid].flat(), layout)
-    gathered = fabric.all_gather(buffer.to(fabric.device)).cpu().reshape(-1, 1 + size)
-    return {int(r[0]): Upload.from_flat(unflatten_state(r[1:], layout)) for r in gathered if r[0] >= 0}
+    rows = {cid: flatten_state(upload.flat(), layout) for cid, upload in local.items()}
+    gathered = gather_rows(fabric, rows, layout_size(layout), slots)
+    return {cid: Upload.from_flat(unflatten_state(row, layout)) for cid, row in gathered.items()}

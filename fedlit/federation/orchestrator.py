@@ -5,7 +5,8 @@ aggregation and stores their typed results without reading them), and the algori
 processes exist. Server state and the client store are replicated on every rank: every rank plans every sampled
 client, trains only its own share (:class:`~fedlit.federation.trainer.LocalTrainer`), and receives everybody's
 uploads through one all-gather, so any rank can run any client next round and 1 or N processes give the same
-numbers.
+numbers. A synchronous algorithm (``Algorithm.synchronous``) trains its round in lock-step instead, with one more
+gather per step (:mod:`fedlit.federation.synchronous`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fedlit.federation.sampling import (
 )
 from fedlit.federation.signals import STOP, Preempted
 from fedlit.federation.store import DiskStore, MemoryStore, RecordTable, choose_backend, estimated_bytes
+from fedlit.federation.synchronous import steps_bound, train_synchronous
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
 from fedlit.metrics import base_novel_metrics, domain_metrics, round_metrics
 from fedlit.modules import ClientModule
@@ -101,6 +103,8 @@ class Orchestrator:
         self.store_backend = choose_backend(cfg.store.backend, estimated_bytes(
             self.initial.flat(), self.num_clients, cfg.optim.persistent_state), cfg.store.memory_budget_mb)
         self.store_directory = Path(cfg.store.directory).expanduser() if cfg.store.directory else self.run_dir / "store"
+        if algorithm.synchronous:
+            algorithm.bind_steps(steps_bound(data, cfg.fed.local_epochs))
 
     @property
     def module(self) -> ClientModule:
@@ -208,9 +212,12 @@ class Orchestrator:
         # serve keep() alone, which depends on the server state only (see Algorithm.keep)
         entries = state.store.get_many(mine)
         plans = algorithm.plan_round(server, {cid: entries.get(cid) for cid in sampled}, self.initial)
-        local = self.trainer.train({cid: plans[cid] for cid in mine}, r)
-        uploads = gather_uploads(self.fabric, local, self.trainer.empty_upload(self.initial),
-                                 max(len(a) for a in assignment))
+        slots = max(len(a) for a in assignment)
+        if algorithm.synchronous:  # lock-step: one gradient gather per step, then the uploads' gather below
+            local = train_synchronous(self.trainer, algorithm, plans, mine, r, self.fabric, slots)
+        else:
+            local = self.trainer.train({cid: plans[cid] for cid in mine}, r)
+        uploads = gather_uploads(self.fabric, local, self.trainer.empty_upload(self.initial), slots)
         kept = self._finite(uploads, sampled, r)
         for cid in kept:
             entry = StoreEntry(uploads[cid].state, algorithm.keep(plans[cid]), last_round=r)
