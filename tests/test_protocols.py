@@ -150,6 +150,9 @@ def test_transfer_accuracy_is_the_global_prompt_on_each_target(transfer_runs, da
                                                                                    root=str(data_root)), "amazon"),
                 "shapes:0.5": direct_accuracy(job, prompt, shapes)}
     assert {k: last[f"transfer/{k}"] for k in expected} == expected
+    # what each target's module evaluated last is the final global prompt (not the initial one)
+    assert not torch.equal(prompt, orchestrator.initial.params[PROMPT])
+    assert all(torch.equal(m.trainer.module.client_state()[PROMPT], prompt) for m in orchestrator.transfer)
     assert last["acc_transfer"] == float(np.mean(list(expected.values())))
     # every test image of CIFAR-10 and of dark shapes; amazon's share of Office-Caltech10 (1 of 5 per class)
     assert [len(m.target.labels) for m in orchestrator.transfer] == [40, 10, 128]
