@@ -23,7 +23,7 @@ from fedlit.federation.experiment import build_job
 from fedlit.federation.sampling import SAMPLING_STREAM, evaluation_subset, heldout_clients, sample_clients
 from fedlit.modules import CoOpClient
 from fedlit.state import PROMPT
-from tests.helpers import FAST, cache_dir, fast_config, read_results
+from tests.helpers import FAST, cache_dir, fast_config, only_run_dir, read_results, train_cli
 from tests.test_datasets import CIFAR10_NAMES, cifar_batch, cifar_meta, make_office
 
 HELDOUT = ["data.num_clients=5", "eval.protocol=heldout", "eval.heldout_fraction=0.4", "fed.rounds=2",
@@ -223,3 +223,22 @@ def test_bad_input_is_one_line_exit_2_before_anything_is_written(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert not out_dir.exists()
+
+
+@pytest.mark.multiprocess
+def test_heldout_results_do_not_depend_on_the_process_layout(tmp_path):
+    """Held-out clients, their evaluation beside a per-round subset and the gap: bitwise the same on 1 and 2
+    gloo processes."""
+    job = FAST + [f"backbone.cache_dir={cache_dir()}", "algorithm=pfedmoap", "eval.protocol=heldout",
+                  "eval.heldout_fraction=0.25", "fed.frac=0.67", "eval.clients=1", "trainer.accelerator=cpu"]
+    results = []
+    for devices in (1, 2):
+        done = train_cli(*job, f"trainer.devices={devices}", f"run.out_dir={tmp_path / str(devices)}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        res = read_results(only_run_dir(tmp_path / str(devices)))
+        assert res.pop("world_size") == devices
+        res.pop("memory_per_client_bytes")  # the process's own allocations, not a result
+        results.append(res)
+    assert results[0] == results[1]
+    first, held = results[0]["rounds"][0], set(results[0]["heldout_clients"])
+    assert len(held) == 1 and held < set(first["evaluated_clients"]) and len(first["evaluated_clients"]) == 2
