@@ -23,6 +23,7 @@ import numpy as np
 from scipy import stats
 
 from fedlit.errors import UserError
+from fedlit.metrics import TRANSFER_PREFIX
 from fedlit.reporting import load_results
 
 # Keys that never change a run's numbers: layout, storage, bookkeeping and what is recorded besides the metrics.
@@ -30,7 +31,8 @@ from fedlit.reporting import load_results
 IGNORED_KEYS = ("seed", "backbone.cache_dir", "data.root", "data.num_workers", "eval.diagnostics")
 IGNORED_SECTIONS = ("run.", "perf.", "store.")
 NUMERIC_TRAINER_KEYS = ("trainer.precision", "trainer.accelerator")
-METRICS = {"acc_mean": "personalised", "acc_global": "global", "acc_novel_mean": "novel", "hm_of_means": "HM"}
+METRICS = {"acc_mean": "personalised", "acc_global": "global", "acc_novel_mean": "novel", "hm_of_means": "HM",
+           "acc_heldout": "held-out", "participation_gap": "participation gap", "acc_transfer": "transfer"}
 SUMMARIES = {"last_round": "last round", "mean_last_5": "mean of last 5"}
 MEAN_LAST = 5  # what ``mean_last_5`` averages at most (fedlit.metrics.final_summary)
 FORMATS = ("text", "markdown", "csv")
@@ -186,16 +188,29 @@ def final_of(final: dict, metric: str) -> dict | None:
     return None
 
 
+def metric_label(metric: str) -> str:
+    """The table's name of ``metric``: :data:`METRICS`, or ``transfer <target>`` for ``transfer/<target>``."""
+    return METRICS.get(metric) or metric.replace(TRANSFER_PREFIX, "transfer ", 1)
+
+
+def reported_metrics(results: list[dict]) -> list[str]:
+    """The metrics a comparison reports: :data:`METRICS`, then every ``transfer/<target>`` of the runs' finals."""
+    transfer = dict.fromkeys(k for r in results for k in r.get("final", {}) if k.startswith(TRANSFER_PREFIX))
+    return [*METRICS, *transfer]
+
+
 def compare(results: list[dict]) -> Comparison:
     """The differing keys, one row per (group, reported metric) with groups in sorted order, each group counting
-    every seed once (:func:`newest_per_seed`), and a warning per repeated seed."""
+    every seed once (:func:`newest_per_seed`), and a warning per repeated seed. A metric a group's runs do
+    not all report (a method without a global prompt has no transfer numbers) gets no row."""
     keys, groups = _all_groups(results)
+    metrics = reported_metrics(results)
     rows, warnings = [], []
     for values, everything in sorted(groups.items()):
         runs, repeats = newest_per_seed(everything)
         warnings += [repeat_warning(keys, values, seed, group) for seed, group in repeats.items()]
         seeds = [int(r.get("seed", 0)) for r in runs]
-        for metric in METRICS:
+        for metric in metrics:
             finals = [final_of(r["final"], metric) for r in runs]
             if any(f is None for f in finals):
                 continue
@@ -255,7 +270,7 @@ def _table(keys: list[str], rows: list[Row]) -> tuple[list[str], list[list[str]]
     for row in rows:
         group = [row.group[k] for k in keys] if keys else ["all"]
         cells = [c for s in SUMMARIES for c in _cells(row.stats.get(s), labels[s][1])]
-        body.append(group + [str(len(row.seeds)), METRICS[row.metric]] + cells)
+        body.append(group + [str(len(row.seeds)), metric_label(row.metric)] + cells)
     return header, body
 
 

@@ -54,6 +54,11 @@ PARTITIONS = ("iid", "dirichlet", "pathological", "domain")
 DATASETS = ("shapes", "cifar10", "cifar100", "caltech101", "oxford_pets", "flowers102", "food101", "dtd",
             "domainnet", "office_caltech10")
 DOMAIN_DATASETS = ("domainnet", "office_caltech10")
+# The domains of each domain dataset (fedlit.data.datasets reads them from here).
+DATASET_DOMAINS = {"domainnet": ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+                   "office_caltech10": ("amazon", "caltech", "dslr", "webcam")}
+PROTOCOLS = ("standard", "base2novel", "heldout", "transfer")
+DEFAULT_HELDOUT_FRACTION = 0.2
 CLASS_POSITIONS = ("end", "front", "middle")
 SELECTIONS = ("knn", "random")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
@@ -139,9 +144,12 @@ class FederationConfig:
 @dataclass
 class EvalConfig:
     protocol: str = "standard"  # standard | base2novel (train on the first half of the classes, test base and novel)
+    # | heldout (clients that never train) | transfer (the global prompt on other datasets)
     diagnostics: bool = False  # per client and evaluated round, the module diagnostics (pFedMoAP: expert attention)
     clients: str = "all"  # clients evaluated per round: all | sampled (the round's) | N (a seeded subset per round)
     final_all: bool = True  # the run's final round evaluates every client whatever eval.clients says
+    heldout_fraction: float | None = None  # heldout: share of the clients that never train (null: 0.2)
+    transfer_datasets: list[str] = field(default_factory=list)  # transfer: targets "name" or "name:domain"
 
 
 @dataclass
@@ -656,12 +664,91 @@ def _check_data(d: DataConfig) -> None:
     _integer("data.num_workers", d.num_workers, 0)
 
 
-def _check_eval(e: EvalConfig) -> None:
-    _check(e.protocol in ("standard", "base2novel"),
-           f"eval.protocol must be standard or base2novel (got {e.protocol!r})")
+def heldout_count(num_clients: int, fraction: float) -> int:
+    """Clients held out of training by ``eval.protocol=heldout``: ``floor(fraction * N + 1/2)`` (rounded half up)."""
+    return math.floor(fraction * num_clients + 0.5)
+
+
+def heldout_size(cfg: Config) -> int:
+    """Clients of ``cfg`` that never train: :func:`heldout_count` under ``eval.protocol=heldout``, else 0."""
+    if cfg.eval.protocol != "heldout":
+        return 0
+    fraction = cfg.eval.heldout_fraction if cfg.eval.heldout_fraction is not None else DEFAULT_HELDOUT_FRACTION
+    return heldout_count(cfg.data.num_clients, fraction)
+
+
+def training_pool_size(cfg: Config) -> int:
+    """Clients that may be sampled for training: all but the held-out ones (``eval.protocol=heldout``)."""
+    return cfg.data.num_clients - heldout_size(cfg)
+
+
+def parse_transfer_target(entry: str) -> tuple[str, str | None]:
+    """``"name"`` or ``"name:domain"`` of ``eval.transfer_datasets`` as (dataset, domain or None)."""
+    name, _, domain = entry.partition(":")
+    return name, (domain if ":" in entry else None)
+
+
+def _check_transfer_target(entry: str, d: DataConfig) -> None:
+    """One ``eval.transfer_datasets`` entry: a known dataset, a domain it has (a brightness in (0, 1] for shapes),
+    and data the clients never train on."""
+    key = "eval.transfer_datasets"
+    name, domain = parse_transfer_target(entry)
+    _check(name in DATASETS, f"unknown dataset {name!r} in {key}; choose one of {', '.join(DATASETS)} (a domain "
+                             "dataset's domain as name:domain, shapes at a brightness as shapes:0.5)")
+    if domain is not None and name == "shapes":
+        try:
+            level = float(domain)
+        except ValueError:
+            level = math.nan
+        _check(0.0 < level <= 1.0, f"{key} entry {entry!r}: a shapes domain is a brightness in (0, 1], e.g. shapes:0.5")
+        _check(name != d.name or level != d.shapes_brightness,
+               f"{key} entry {entry!r} is the training data itself (data.shapes_brightness={d.shapes_brightness}); "
+               "its number is acc_global")
+        return
+    if domain is not None:
+        _check(name in DATASET_DOMAINS, f"{key} entry {entry!r}: {name} has no domains (domain datasets: "
+                                        f"{', '.join(DATASET_DOMAINS)})")
+        _check(domain in DATASET_DOMAINS[name], f"{key} entry {entry!r}: unknown domain {domain!r} of {name}; "
+                                                f"choose one of {', '.join(DATASET_DOMAINS[name])}")
+    if name == d.name:
+        what = f"one of {name}'s domains, which the clients train on" if domain is not None else "the training data"
+        _check(False, f"{key} entry {entry!r} is {what}; a transfer target must be data the clients never train "
+                      "on (its number on the training data is acc_global)")
+
+
+def _check_eval(e: EvalConfig, cfg: Config) -> None:
+    _check(e.protocol in PROTOCOLS, f"eval.protocol must be one of {', '.join(PROTOCOLS)} (got {e.protocol!r})")
     clients = str(e.clients)
     _check(clients in ("all", "sampled") or (clients.isdigit() and int(clients) >= 1),
            f"eval.clients must be all, sampled or a positive number of clients (got {e.clients!r})")
+    if e.heldout_fraction is not None:
+        _check(e.protocol == "heldout", f"eval.heldout_fraction is read by eval.protocol=heldout only (got "
+                                        f"eval.protocol={e.protocol}); unset it or set eval.protocol=heldout")
+        _number("eval.heldout_fraction", e.heldout_fraction, 0.0, 1.0, open_low=True, open_high=True)
+    if e.protocol == "heldout":
+        n = cfg.data.num_clients
+        held = heldout_size(cfg)
+        fraction = e.heldout_fraction if e.heldout_fraction is not None else DEFAULT_HELDOUT_FRACTION
+        _check(held >= 1, f"eval.heldout_fraction={fraction} of data.num_clients={n} holds out no client "
+                          f"(round({fraction} x {n}) = 0); raise it to at least {0.5 / n:.3g}")
+        _check(held <= n - 1, f"eval.heldout_fraction={fraction} of data.num_clients={n} holds out all {held} "
+                              "clients and leaves none to train; lower it")
+    if not isinstance(e.transfer_datasets, (list, tuple)):
+        raise ConfigError(f"eval.transfer_datasets must be a list of dataset names (got {e.transfer_datasets!r})")
+    if e.protocol == "transfer":
+        _check(len(e.transfer_datasets) > 0, "eval.protocol=transfer needs eval.transfer_datasets, e.g. "
+                                             "eval.transfer_datasets=[cifar10] or [office_caltech10:amazon]")
+        _check(not cfg.prompt.class_specific, "eval.protocol=transfer moves the global prompt to other class names; "
+                                              "it needs a prompt shared by all classes (prompt.class_specific=false)")
+    else:
+        _check(not e.transfer_datasets, f"eval.transfer_datasets is read by eval.protocol=transfer only (got "
+                                        f"eval.protocol={e.protocol}); unset it or set eval.protocol=transfer")
+    for entry in e.transfer_datasets:
+        _check(isinstance(entry, str) and entry.strip() != "",
+               f"eval.transfer_datasets entries must be dataset names (got {entry!r})")
+        _check_transfer_target(entry, cfg.data)
+    repeated = sorted({t for t in e.transfer_datasets if list(e.transfer_datasets).count(t) > 1})
+    _check(not repeated, f"eval.transfer_datasets lists {', '.join(repeated)} more than once")
 
 
 def _check_fed(f: FederationConfig) -> None:
@@ -687,8 +774,11 @@ def _runs_experts(cfg: Config) -> bool:
 def _check_method(m: MethodConfig, cfg: Config) -> None:
     _integer("method.num_experts", m.num_experts, 1)
     if _runs_experts(cfg):
-        _check(m.num_experts <= cfg.data.num_clients,
-               f"method.num_experts={m.num_experts} exceeds data.num_clients={cfg.data.num_clients}; "
+        pool = training_pool_size(cfg)
+        where = (f"data.num_clients={cfg.data.num_clients}" if pool == cfg.data.num_clients
+                 else f"the {pool} clients that train (eval.protocol=heldout holds out the others)")
+        _check(m.num_experts <= pool,
+               f"method.num_experts={m.num_experts} exceeds {where}; "
                "the local expert plus K = num_experts - 1 other clients must exist")
     _check(m.selection in SELECTIONS, f"method.selection must be knn or random (got {m.selection!r})")
     _number("method.lam", m.lam, 0.0)
@@ -847,7 +937,7 @@ def validate(cfg: Config) -> None:
     _check_gate(cfg.gate, cfg)
     _check_data(cfg.data)
     _check_fed(cfg.fed)
-    _check_eval(cfg.eval)
+    _check_eval(cfg.eval, cfg)
     _check_optim(cfg.optim)
     _check_method(cfg.method, cfg)
     _check_perf(cfg.perf)

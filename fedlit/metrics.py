@@ -8,7 +8,8 @@ import math
 import numpy as np
 
 SUMMARISED = ("acc_mean", "acc_weighted", "acc_worst10", "acc_global", "acc_novel_mean", "acc_hm_mean", "hm_of_means",
-              "acc_global_hm")  # the metrics ``final`` summarises
+              "acc_global_hm", "acc_heldout", "participation_gap", "acc_transfer")  # the metrics ``final`` summarises
+TRANSFER_PREFIX = "transfer/"  # ``transfer/<target>``: the global prompt on one eval.transfer_datasets entry
 
 
 def round_metrics(accuracies: list[float | None], sizes: list[int]) -> dict[str, float | int]:
@@ -47,6 +48,26 @@ def base_novel_metrics(base: list[float | None], novel: list[float | None], glob
     return out
 
 
+def heldout_metrics(participating: float, heldout: list[float | None]) -> dict[str, float | None]:
+    """The participation gap (``eval.protocol=heldout``): ``acc_heldout``, the unweighted mean accuracy of the
+    held-out clients (None entries skipped), and ``participation_gap = participating - acc_heldout`` with
+    ``participating`` the mean over the clients that train (``acc_mean``); both None without a held-out number."""
+    scored = [a for a in heldout if a is not None]
+    if not scored:
+        return {"acc_heldout": None, "participation_gap": None}
+    mean = float(np.mean(np.asarray(scored, dtype=np.float64)))
+    return {"acc_heldout": mean, "participation_gap": participating - mean}
+
+
+def transfer_metrics(accuracies: dict[str, float | None]) -> dict[str, float | None]:
+    """``transfer/<target>`` per target of ``eval.transfer_datasets`` (the global prompt's accuracy on its test set,
+    None for a method without a global prompt) and ``acc_transfer``, their unweighted mean (None if any is None)."""
+    row: dict[str, float | None] = {TRANSFER_PREFIX + name: acc for name, acc in accuracies.items()}
+    values = list(accuracies.values())
+    row["acc_transfer"] = None if any(v is None for v in values) else float(np.mean(np.asarray(values)))
+    return row
+
+
 def domain_metrics(accuracies: list[float | None], client_domains: list[int], domain_names: list[str]) -> dict:
     """Per-domain mean and std of per-client accuracy: ``{domain: {"mean": m, "std": s}}`` (None entries skipped)."""
     acc = np.asarray([np.nan if a is None else a for a in accuracies], dtype=np.float64)
@@ -62,9 +83,11 @@ def domain_metrics(accuracies: list[float | None], client_domains: list[int], do
 def final_summary(evaluated: list[dict], last: int = 5) -> dict:
     """The last evaluated round and the mean over the last ``last`` evaluated rounds of every summarised metric:
     ``{"last_round": acc_mean, "mean_last_5": ..., "acc_mean": {"last_round": .., "mean_last_5": ..}, ...}``
-    (a metric a method does not report, e.g. ``acc_global`` of CoOp local, is left out)."""
+    (a metric a method does not report, e.g. ``acc_global`` of CoOp local, is left out); the ``transfer/<target>``
+    metrics of ``eval.protocol=transfer`` follow the SUMMARISED ones."""
     out: dict = {}
-    for metric in SUMMARISED:
+    transfer = dict.fromkeys(k for row in evaluated for k in row if k.startswith(TRANSFER_PREFIX))
+    for metric in (*SUMMARISED, *transfer):
         values = [row[metric] for row in evaluated if row.get(metric) is not None]
         if values:
             out[metric] = {"last_round": float(values[-1]), f"mean_last_{last}": float(np.mean(values[-last:]))}

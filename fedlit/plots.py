@@ -12,6 +12,11 @@ figure is written as PNG and PDF (by default into ``plots/`` of the first run di
   scale centred on the uniform weight 1/(K+1) (white) and spanning the largest deviation from it either way; the
   weights' range is written in the colour bar's label;
 - ``base_novel``: base, novel and HM bars per group (``eval.protocol=base2novel`` runs only);
+- ``heldout``: per round, the mean accuracy of the participating clients (solid) and of the held-out clients
+  (dashed) of each group, bands ± std over seeds; the vertical distance is the participation gap
+  (``eval.protocol=heldout`` runs only);
+- ``transfer``: last-round accuracy of the global prompt on each transfer target, one bar per group (mean over
+  seeds; ``eval.protocol=transfer`` runs of methods with a global prompt);
 - ``overview``: accuracy, client spread and the first expert-attention heatmap side by side.
 """
 
@@ -25,6 +30,7 @@ import numpy as np
 
 from fedlit.compare import finished_results, group_runs
 from fedlit.errors import UserError
+from fedlit.metrics import TRANSFER_PREFIX
 
 FORMATS = ("png", "pdf")
 DPI = 90
@@ -180,6 +186,41 @@ def draw_base_novel(ax: Any, groups: list[tuple[str, list[dict]]]) -> None:
     outside_legend(ax)
 
 
+def draw_heldout(ax: Any, groups: list[tuple[str, list[dict]]]) -> None:
+    """Participating (``acc_mean``, solid) and held-out (``acc_heldout``, dashed) accuracy per round of each group,
+    in one colour per group, with bands ± std over seeds."""
+    for label, runs in groups:
+        rounds, mean, std = round_curve(runs, "acc_mean")
+        line = ax.plot(rounds, mean, marker="o", markersize=3, label=f"{label}: participating")[0]
+        ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
+        rounds, mean, std = round_curve(runs, "acc_heldout")
+        ax.plot(rounds, mean, marker="s", markersize=3, linestyle="--", color=line.get_color(),
+                label=f"{label}: held-out")
+        ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.1, linewidth=0)
+    ax.set(xlabel="round", ylabel="mean per-client accuracy (%)",
+           title="participating vs held-out clients (gap = solid - dashed)")
+    outside_legend(ax)
+    ax.grid(alpha=0.3)
+
+
+def transfer_targets(results: list[dict]) -> list[str]:
+    """The transfer targets reported in the runs' finals (``transfer/<target>``), in first-seen order."""
+    return [k.removeprefix(TRANSFER_PREFIX) for k in
+            dict.fromkeys(k for r in results for k in r["final"] if k.startswith(TRANSFER_PREFIX))]
+
+
+def draw_transfer(ax: Any, groups: list[tuple[str, list[dict]]], targets: list[str]) -> None:
+    """Grouped bars: for each target, the last-round accuracy of each group's global prompt (mean over seeds)."""
+    x = np.arange(len(targets))
+    width = 0.8 / max(len(groups), 1)
+    for i, (label, runs) in enumerate(groups):
+        heights = [np.mean([100.0 * r["final"][TRANSFER_PREFIX + t]["last_round"] for r in runs]) for t in targets]
+        ax.bar(x + (i - (len(groups) - 1) / 2) * width, heights, width=width, label=label)
+    ax.set_xticks(x, targets, rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="accuracy (%)", title="global prompt on transfer targets, last round")
+    outside_legend(ax)
+
+
 def attention_runs(results: list[dict]) -> list[tuple[str, np.ndarray, list[int] | None]]:
     """(title, heatmap, its rows' client ids or None for all) of every run with recorded expert attention, sorted
     by method and seed."""
@@ -233,6 +274,18 @@ def plot_results(results: list[dict], out: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
         draw_base_novel(ax, groups)
         written += save(plt, fig, out, "base_novel")
+    heldout = [(label, runs) for label, runs in groups if all(r["final"].get("acc_heldout") for r in runs)]
+    if heldout:
+        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+        draw_heldout(ax, heldout)
+        written += save(plt, fig, out, "heldout")
+    targets = transfer_targets(results)
+    transfer = [(label, runs) for label, runs in groups
+                if all(TRANSFER_PREFIX + t in r["final"] for t in targets for r in runs)]
+    if targets and transfer:
+        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+        draw_transfer(ax, transfer, targets)
+        written += save(plt, fig, out, "transfer")
     panels = 3 if attention else 2
     fig, axes = plt.subplots(1, panels, figsize=(18 if attention else 12, 4.5), layout="constrained",
                              gridspec_kw={"width_ratios": [1.0, 1.0, 0.8][:panels]})

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlit.config import Config
+from fedlit.config import Config, training_pool_size
 from fedlit.errors import UserError
 from fedlit.federation.sampling import sample_size
 
@@ -68,8 +68,9 @@ def calibrate_noise(target_epsilon: float, rounds: int, sampling_rate: float, de
 
 
 def sampling_rate(cfg: Config) -> float:
-    """``q = m / N``: the share of the clients sampled per round."""
-    n = cfg.data.num_clients
+    """``q = m / N``: the share of the clients sampled per round (of those that may train: held-out clients
+    never do)."""
+    n = training_pool_size(cfg)
     return sample_size(n, cfg.fed.frac) / n
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from fedlit.config import ALGORITHMS, Config, to_yaml
+from fedlit.config import ALGORITHMS, Config, heldout_size, to_yaml, training_pool_size
 
 # Approximate train images and classes of each dataset (CoOp's splits for the CLIP datasets), for the estimate
 # of client-steps before anything is loaded; None where the size depends on the files found under data.root.
@@ -28,21 +28,22 @@ def has_experts(method: str) -> bool:
 
 
 def clients_per_round(cfg: Config) -> int:
-    """``m = max(1, floor(fed.frac * data.num_clients))``, as the sampler draws them."""
-    return max(1, math.floor(cfg.fed.frac * cfg.data.num_clients + 1e-9))
+    """``m = max(1, floor(fed.frac * P))`` of the ``P`` clients that may train, as the sampler draws them."""
+    return max(1, math.floor(cfg.fed.frac * training_pool_size(cfg) + 1e-9))
 
 
 def experts_per_round(cfg: Config) -> list[int]:
     """For each round, the most expert prompts any sampled pFedMoAP client downloads: a client gets
     ``min(num_experts - 1, pool size - 1)`` once it has uploaded itself, 0 before (the same sampling and client
     dropout as the run)."""
-    from fedlit.federation.sampling import sample_clients, surviving_clients
+    from fedlit.federation.sampling import heldout_clients, sample_clients, surviving_clients
 
     wanted = cfg.method.num_experts - 1
     pool: set[int] = set()
     counts = []
+    heldout = heldout_clients(cfg.seed, cfg.data.num_clients, heldout_size(cfg))
     for r in range(1, cfg.fed.rounds + 1):
-        sampled = sample_clients(cfg.seed, r, cfg.data.num_clients, cfg.fed.frac)
+        sampled = sample_clients(cfg.seed, r, cfg.data.num_clients, cfg.fed.frac, heldout)
         trained = surviving_clients(cfg.seed, r, sampled, cfg.fed.dropout)
         counts.append(max((min(wanted, len(pool - {c})) if c in pool else 0 for c in trained), default=0))
         pool.update(trained)
@@ -94,7 +95,8 @@ def inert_warnings(cfg: Config) -> list[str]:
 
 def summary_line(cfg: Config) -> str:
     """One line: clients per round, K experts (pFedMoAP family), rounds, estimated client-steps."""
-    parts = [f"clients per round {clients_per_round(cfg)} of {cfg.data.num_clients}"]
+    held = f" ({heldout_size(cfg)} held out)" if heldout_size(cfg) else ""
+    parts = [f"clients per round {clients_per_round(cfg)} of {training_pool_size(cfg)}{held}"]
     if any(has_experts(m) for m in methods_of(cfg)):
         counts = experts_per_round(cfg)
         low, high = min(counts), max(counts)

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fedlit.config import DataConfig
+from fedlit.config import DATASET_DOMAINS, DataConfig
 from fedlit.data.base import DatasetBundle, LabeledImages, Preprocess
 from fedlit.data.transforms import test_transform, train_transform, transform_id
 from fedlit.errors import UserError
@@ -86,10 +86,10 @@ CALTECH101_RENAMED = {"airplanes": "airplane", "Faces": "face", "Leopards": "leo
                       "Motorbikes": "motorbike"}
 DOMAINNET_CLASSES = ("bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale", "windmill",
                      "wine_glass", "zebra")
-DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+DOMAINNET_DOMAINS = DATASET_DOMAINS["domainnet"]
 OFFICE_CLASSES = ("back_pack", "bike", "calculator", "headphones", "keyboard", "laptop_computer", "monitor",
                   "mouse", "mug", "projector")
-OFFICE_DOMAINS = ("amazon", "caltech", "dslr", "webcam")
+OFFICE_DOMAINS = DATASET_DOMAINS["office_caltech10"]
 
 DOMAINNET_URL = "http://ai.bu.edu/M3SDA/ (the image zips and the *_train.txt / *_test.txt lists)"
 OFFICE_URL = ("the Office-Caltech10 release of Gong et al. (CVPR 2012), e.g. via "

@@ -178,6 +178,33 @@ def run_feature_kinds(cfg: Config) -> list[str]:
     return [getattr(algorithm_class(name), "image_feature_kind", POOLED) for name in names]
 
 
+def cached_features(cache: FeatureCache, backbone: Backbone, bundle: DatasetBundle, split: str,
+                    device: torch.device, views: int = 0, kind: str = POOLED, num_workers: int = 0,
+                    progress: bool = False) -> Tensor:
+    """The image features of ``bundle``'s ``split`` (``"train"`` or ``"test"``) from ``cache``, computed on a miss:
+    ``(N, D)`` pooled or ``(N, P+1, D)`` patches (``kind``), or ``(V, N, ...)`` for ``views`` > 0 augmented views
+    (view ``v`` drawn with torch's global RNG seeded by ``AUGMENTED_VIEW_SEED + v``). ``progress``: a bar per
+    feature set computed (on a terminal)."""
+    dataset = bundle.train if split == "train" else bundle.test
+    key = feature_key(backbone, bundle.name, split, bundle.transform_id, len(dataset), views, kind)
+    desc = f"{bundle.name} {split} {'image' if kind == POOLED else 'patch'} features"
+    if not views:
+        return cache.get_or_compute(key, lambda: encode_dataset(backbone, dataset, device=device,
+                                                                num_workers=num_workers, kind=kind,
+                                                                progress=progress, desc=desc))
+
+    def compute_views() -> Tensor:
+        out = []
+        for v in range(views):
+            with torch.random.fork_rng(devices=[]):  # the random train transform draws from torch's global RNG
+                torch.manual_seed(AUGMENTED_VIEW_SEED + v)
+                out.append(encode_dataset(backbone, dataset, device=device, num_workers=0, kind=kind,
+                                          progress=progress, desc=f"{desc}, view {v + 1}/{views}"))
+        return torch.stack(out)
+
+    return cache.get_or_compute(key, compute_views)
+
+
 def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, partition: Partition,
                       device: torch.device, cache: FeatureCache, kinds: Sequence[str] | None = None,
                       progress: bool = False) -> ClientData:
@@ -190,30 +217,15 @@ def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, pa
         check_drop_last(partition, cfg.data.batch_size)
     kinds = list(kinds) if kinds is not None else run_feature_kinds(cfg)
 
-    def features(split: str, dataset, views: int = 0, kind: str = POOLED) -> Tensor:
-        key = feature_key(backbone, bundle.name, split, bundle.transform_id, len(dataset), views, kind)
-        desc = f"{bundle.name} {split} {'image' if kind == POOLED else 'patch'} features"
-        if not views:
-            return cache.get_or_compute(key, lambda: encode_dataset(backbone, dataset, device=device,
-                                                                    num_workers=cfg.data.num_workers, kind=kind,
-                                                                    progress=progress, desc=desc))
-
-        def compute_views() -> Tensor:
-            out = []
-            for v in range(views):
-                with torch.random.fork_rng(devices=[]):  # the random train transform draws from torch's global RNG
-                    torch.manual_seed(AUGMENTED_VIEW_SEED + v)
-                    out.append(encode_dataset(backbone, dataset, device=device, num_workers=0, kind=kind,
-                                              progress=progress, desc=f"{desc}, view {v + 1}/{views}"))
-            return torch.stack(out)
-
-        return cache.get_or_compute(key, compute_views)
+    def features(split: str, views: int = 0, kind: str = POOLED) -> Tensor:
+        return cached_features(cache, backbone, bundle, split, device, views=views, kind=kind,
+                               num_workers=cfg.data.num_workers, progress=progress)
 
     def train(kind: str) -> Tensor | None:
         if cfg.perf.cache_features and not bundle.augmented:
-            return features("train", bundle.train, kind=kind)
+            return features("train", kind=kind)
         if cfg.perf.cache_features and cfg.perf.augmented_views > 0:
-            return features("train", bundle.train, cfg.perf.augmented_views, kind)
+            return features("train", cfg.perf.augmented_views, kind)
         return None
 
     patches = PATCHES in kinds and cfg.perf.cache_features
@@ -222,12 +234,12 @@ def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, pa
         train_labels=torch.as_tensor(bundle.train.targets, dtype=torch.long),
         test_labels=torch.as_tensor(bundle.test.targets, dtype=torch.long),
         train_features=train(POOLED),
-        test_features=features("test", bundle.test) if cfg.perf.cache_features else None,
+        test_features=features("test") if cfg.perf.cache_features else None,
         bundle=bundle,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         drop_last=cfg.data.drop_last,
         train_patches=train(PATCHES) if patches else None,
-        test_patches=features("test", bundle.test, kind=PATCHES) if patches else None,
+        test_patches=features("test", kind=PATCHES) if patches else None,
         feature_kind=PATCHES if kinds and all(k == PATCHES for k in kinds) else POOLED,
     )

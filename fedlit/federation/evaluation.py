@@ -4,7 +4,7 @@ pass and a matrix product."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +12,11 @@ import torch
 from torch import Tensor
 
 from fedlit.algorithms import Algorithm
+from fedlit.data.features import POOLED
 from fedlit.federation.sampling import FINETUNE_STREAM, assign_to_ranks
 from fedlit.federation.store import ClientStore
 from fedlit.federation.trainer import LocalTrainer
+from fedlit.federation.transfer import TransferModel
 from fedlit.state import ClientPlan, ClientState, ServerState
 
 EVAL_CHUNK = 1024  # test samples per forward
@@ -32,6 +34,7 @@ class Evaluation:
     novel: list[float | None] | None = None
     global_novel: float | None = None
     diagnostics: dict[str, list] | None = None  # name -> per client: the mean over its test images, or None
+    transfer: dict[str, float | None] | None = None  # transfer target -> the global model's accuracy (or None)
 
     def record(self, round_index: int, clients: list[int] | None = None) -> dict:
         """The per-client record of the round that ``results.json`` and checkpoints keep: N-long lists (None where
@@ -179,12 +182,14 @@ def client_plans(trainer: LocalTrainer, algorithm: Algorithm, server: ServerStat
 def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, store: ClientStore,
              initial: ClientState, fabric=None, split: tuple[list[int], list[int]] | None = None,
              round_index: int = 0, diagnostics: bool = False, excluded: frozenset[int] = frozenset(),
-             clients: list[int] | None = None) -> Evaluation:
+             clients: list[int] | None = None, transfer: Sequence[TransferModel] = ()) -> Evaluation:
     """Every client's personalised model on its own test split and the global model on the whole test set;
     clients are sharded over ranks and the counts summed with one all-reduce. ``split`` = (base, novel) classes
     for the base-to-novel protocol: own split over the base classes, plus every novel test sample over the
     novel classes. Clients in ``excluded`` (Byzantine ones), and those outside ``clients`` when it is given, are
-    not evaluated: their accuracy is None (only their store entries are read)."""
+    not evaluated: their accuracy is None (only their store entries are read). ``transfer``: the global model on
+    each transfer target's test set with the target's class names (every rank evaluates every target, as the
+    global model on the whole test set)."""
     data = trainer.data
     part = data.partition
     num_clients = part.num_clients
@@ -226,7 +231,18 @@ def evaluate(trainer: LocalTrainer, algorithm: Algorithm, server: ServerState, s
                                                             data.test_labels[base_index], base))
             result.global_novel = _ratio(accuracy_counts(trainer, plan, data.test_inputs(novel_index),
                                                          data.test_labels[novel_index], novel))
+    if transfer:
+        result.transfer = {m.target.name: transfer_accuracy(m, plan) for m in transfer}
     return result
+
+
+def transfer_accuracy(model: TransferModel, plan: ClientPlan | None) -> float | None:
+    """Accuracy of the global model ``plan`` on ``model``'s target (its own class names and test set); None when
+    the method has no global model."""
+    if plan is None or model.trainer is None:
+        return None
+    kind = getattr(model.trainer.module, "image_feature_kind", POOLED)
+    return _ratio(accuracy_counts(model.trainer, plan, model.target.inputs(kind), model.target.labels))
 
 
 def _ratios(counts: Tensor) -> list[float | None]:

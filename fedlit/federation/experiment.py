@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,9 +23,10 @@ from fedlit.data.features import FeatureCache
 from fedlit.data.partition import Partition, base_classes, make_partition, save_manifest
 from fedlit.data.registry import build_dataset
 from fedlit.errors import UserError
-from fedlit.federation.client_data import ClientData, build_client_data
+from fedlit.federation.client_data import ClientData, build_client_data, run_feature_kinds
 from fedlit.federation.orchestrator import Orchestrator
 from fedlit.federation.signals import Preempted, requeue_slurm_job
+from fedlit.federation.transfer import TransferTarget, build_transfer_targets
 from fedlit.io import atomic_write, default_cache_dir, remove_stale_temporaries
 from fedlit.modules import ClientModule
 from fedlit.progress import echo
@@ -106,6 +107,7 @@ class Job:
     partition: Partition
     data: ClientData
     fabric: Fabric | None = None
+    transfer: list[TransferTarget] = field(default_factory=list)  # eval.protocol=transfer: the targets
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +131,7 @@ class Job:
                                                "config": results_config(self.cfg, self.fabric)}
         data = self.data.for_module(module)  # e.g. patch features for a module that asks for them
         return Orchestrator(self.cfg, algorithm, module, data, Path(run_dir), fabric=self.fabric, meta=meta,
-                            numerics=numerics(self.cfg, self.fabric))
+                            numerics=numerics(self.cfg, self.fabric), transfer=self.transfer)
 
 
 def build_job(cfg: Config, fabric: Fabric | None = None,
@@ -159,7 +161,8 @@ def build_job(cfg: Config, fabric: Fabric | None = None,
         announce(backbone, bundle, partition)
     cache = FeatureCache(cache_dir / "features" if cfg.perf.disk_cache else None)
     data = build_client_data(cfg, backbone, bundle, partition, device, cache, progress=progress)
-    return Job(cfg, backbone, bundle, partition, data, fabric)
+    transfer = build_transfer_targets(cfg, backbone, device, cache, run_feature_kinds(cfg), progress=progress)
+    return Job(cfg, backbone, bundle, partition, data, fabric, transfer)
 
 
 def _resolve_run_dir(cfg: Config, fabric: Fabric) -> tuple[Path, bool]:

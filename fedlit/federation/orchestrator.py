@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedlit.algorithms import Algorithm
-from fedlit.config import Config
+from fedlit.config import Config, heldout_size
 from fedlit.data.partition import base_classes
 from fedlit.errors import Diverged
 from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, checkpoint_round, restore, with_backend
@@ -31,6 +32,7 @@ from fedlit.federation.sampling import (
     assign_to_ranks,
     attacked_clients,
     evaluation_subset,
+    heldout_clients,
     sample_clients,
     surviving_clients,
 )
@@ -38,7 +40,8 @@ from fedlit.federation.signals import STOP, Preempted
 from fedlit.federation.store import DiskStore, MemoryStore, RecordTable, choose_backend, estimated_bytes
 from fedlit.federation.synchronous import steps_bound, train_synchronous
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
-from fedlit.metrics import base_novel_metrics, domain_metrics, round_metrics
+from fedlit.federation.transfer import TransferTarget, transfer_models
+from fedlit.metrics import base_novel_metrics, domain_metrics, heldout_metrics, round_metrics, transfer_metrics
 from fedlit.modules import ClientModule
 from fedlit.reporting import build_results, memory_per_client, write_results
 from fedlit.state import ClientState, ServerState, StoreEntry, Upload
@@ -69,7 +72,8 @@ class Orchestrator:
     precision and accelerator the run computes with (a checkpoint resumes only with the same ones)."""
 
     def __init__(self, cfg: Config, algorithm: Algorithm, module: ClientModule, data: ClientData, run_dir: Path,
-                 fabric=None, meta: dict | None = None, numerics: dict[str, str] | None = None):
+                 fabric=None, meta: dict | None = None, numerics: dict[str, str] | None = None,
+                 transfer: Sequence[TransferTarget] = ()):
         self.cfg = cfg
         self.algorithm = algorithm
         self.data = data
@@ -97,6 +101,12 @@ class Orchestrator:
             self.trainer.flipped_clients = frozenset(self.attacked)
         if cfg.attack.kind != "none":
             self.meta["attacked_clients"] = list(self.attacked)
+        # held-out clients (eval.protocol=heldout, chosen once from the seed) are never sampled for training
+        self.heldout = heldout_clients(cfg.seed, self.num_clients, heldout_size(cfg))
+        if cfg.eval.protocol == "heldout":
+            self.meta["heldout_clients"] = list(self.heldout)
+        self.transfer = transfer_models(algorithm, module, self.initial, data, transfer, seed=cfg.seed, device=device,
+                                        fabric=fabric)
         self.identity = Identity(algorithm.name, self.meta.get("config_digest", ""), data.partition.digest(),
                                  numerics=dict(numerics or {}))
         self.stop = STOP
@@ -230,18 +240,21 @@ class Orchestrator:
     def _sampled(self, r: int) -> list[int]:
         """The clients that train in round ``r``: the sampled ones that do not drop out."""
         cfg = self.cfg
-        return surviving_clients(cfg.seed, r, sample_clients(cfg.seed, r, self.num_clients, cfg.fed.frac),
-                                 cfg.fed.dropout)
+        return surviving_clients(cfg.seed, r, sample_clients(cfg.seed, r, self.num_clients, cfg.fed.frac,
+                                                             self.heldout), cfg.fed.dropout)
 
     def _evaluated_clients(self, r: int) -> list[int] | None:
         """The clients round ``r`` evaluates (``eval.clients``; None: all): every client in round 0 and, with
-        ``eval.final_all``, in the final round."""
+        ``eval.final_all``, in the final round. A subset is drawn among the clients that may train, and the
+        held-out clients (``eval.protocol=heldout``) are evaluated in every evaluated round."""
         choice = str(self.cfg.eval.clients)
         if choice == "all" or r == 0 or (self.cfg.eval.final_all and r == self.total_rounds):
             return None
         if choice == "sampled":
-            return self._sampled(r)
-        return evaluation_subset(self.cfg.seed, r, self.num_clients, int(choice))
+            chosen = self._sampled(r)
+        else:
+            chosen = evaluation_subset(self.cfg.seed, r, self.num_clients, int(choice), self.heldout)
+        return sorted(set(chosen) | set(self.heldout))
 
     def _finish_round(self, state: RunState, r: int, loss: float | None, clients: int, seconds: float) -> None:
         """Evaluate round ``r`` on schedule, else log it."""
@@ -307,16 +320,22 @@ class Orchestrator:
         chosen = self._evaluated_clients(r)
         result = evaluate(self.trainer, self.algorithm, state.server, state.store, self.initial, self.fabric,
                           self.split, round_index=r, diagnostics=self.cfg.eval.diagnostics,
-                          excluded=frozenset(self.attacked), clients=chosen)
+                          excluded=frozenset(self.attacked), clients=chosen, transfer=self.transfer)
         accuracies, global_acc = result.accuracy, result.global_accuracy
         part = self.data.partition
         evaluated = range(self.num_clients) if chosen is None else sorted(set(chosen))
-        attacked = set(self.attacked)
+        attacked, heldout = set(self.attacked), set(self.heldout)
         honest = [c for c in evaluated if c not in attacked]
+        participating = [c for c in honest if c not in heldout]  # the personalised metrics: clients that train
         row = {"round": r, "clients": clients, "loss": loss, "acc_global": global_acc,
                "seconds": round(seconds + time.perf_counter() - t0, 4),
-               **round_metrics([accuracies[c] for c in honest], [len(part.test_indices[c]) for c in honest]),
+               **round_metrics([accuracies[c] for c in participating],
+                               [len(part.test_indices[c]) for c in participating]),
                **self.algorithm.report(state.server)}
+        if self.cfg.eval.protocol == "heldout":
+            row.update(heldout_metrics(row["acc_mean"], [accuracies[c] for c in honest if c in heldout]))
+        if result.transfer is not None:
+            row.update(transfer_metrics(result.transfer))
         if result.novel is not None:
             row.update(base_novel_metrics(accuracies, result.novel, global_acc, result.global_novel))
         domain_names = self.data.bundle.domain_names if self.data.bundle is not None else None
@@ -327,6 +346,10 @@ class Orchestrator:
         glob = f" | global {100 * global_acc:.2f}%" if global_acc is not None else ""
         lossed = f" | loss {loss:.4f}" if loss is not None else ""
         glob += f" | epsilon {row['epsilon']:.3g}" if "epsilon" in row else ""
+        if row.get("acc_heldout") is not None:
+            glob += f" | held-out {100 * row['acc_heldout']:.2f}% (gap {100 * row['participation_gap']:+.2f})"
+        if row.get("acc_transfer") is not None:
+            glob += f" | transfer {100 * row['acc_transfer']:.2f}%"
         self.log(f"[{self.algorithm.name}] round {r:>3}/{self.total_rounds} | clients {clients}{lossed} | "
                  f"acc {100 * row['acc_mean']:.2f}% (worst10 {100 * row['acc_worst10']:.2f}%){glob} | "
                  f"{row['seconds']:.1f} s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ FINETUNE_STREAM = 15_485_863  # a client's draws when it fine-tunes before its e
 DROPOUT_STREAM = 32_452_843  # whether a sampled client fails to upload
 ATTACK_STREAM = 49_979_687  # which clients are Byzantine (once per run)
 EVAL_STREAM = 67_867_967  # which clients a round evaluates (eval.clients=N)
+HELDOUT_STREAM = 86_028_121  # which clients never train (eval.protocol=heldout, once per run)
 
 
 def sample_size(num_clients: int, frac: float) -> int:
@@ -20,11 +22,30 @@ def sample_size(num_clients: int, frac: float) -> int:
     return max(1, math.floor(frac * num_clients + 1e-9))
 
 
-def sample_clients(seed: int, round_index: int, num_clients: int, frac: float) -> list[int]:
-    """``m = max(1, floor(frac * N))`` client ids drawn without replacement from the server stream of this round."""
-    m = sample_size(num_clients, frac)
+def _pool(num_clients: int, excluded: Collection[int]) -> list[int]:
+    """The client ids ``0..N-1`` not in ``excluded``, ascending."""
+    left_out = set(excluded)
+    return [c for c in range(num_clients) if c not in left_out]
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, frac: float,
+                   excluded: Collection[int] = ()) -> list[int]:
+    """``m = max(1, floor(frac * P))`` client ids drawn without replacement from the server stream of this round,
+    among the ``P`` clients not in ``excluded`` (held-out clients never train; with none excluded the draw is
+    exactly the one over ``0..N-1``)."""
+    pool = _pool(num_clients, excluded)
+    m = sample_size(len(pool), frac)
     rng = np.random.default_rng([seed, round_index, SAMPLING_STREAM])
-    return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
+    return sorted(pool[int(i)] for i in rng.choice(len(pool), size=m, replace=False))
+
+
+def heldout_clients(seed: int, num_clients: int, count: int) -> list[int]:
+    """The clients of a run that never train (``eval.protocol=heldout``): ``count`` ids drawn once without
+    replacement from a stream seeded by the run seed only (sorted), so they do not depend on the process layout."""
+    if count <= 0:
+        return []
+    rng = np.random.default_rng([seed, HELDOUT_STREAM])
+    return sorted(int(i) for i in rng.choice(num_clients, size=min(count, num_clients), replace=False))
 
 
 def surviving_clients(seed: int, round_index: int, sampled: list[int], dropout: float) -> list[int]:
@@ -35,10 +56,13 @@ def surviving_clients(seed: int, round_index: int, sampled: list[int], dropout: 
     return [c for c in sampled if np.random.default_rng([seed, round_index, c, DROPOUT_STREAM]).random() >= dropout]
 
 
-def evaluation_subset(seed: int, round_index: int, num_clients: int, count: int) -> list[int]:
-    """``min(count, N)`` client ids drawn without replacement from the evaluation stream of this round (sorted)."""
+def evaluation_subset(seed: int, round_index: int, num_clients: int, count: int,
+                      excluded: Collection[int] = ()) -> list[int]:
+    """``min(count, P)`` client ids drawn without replacement from the evaluation stream of this round among the
+    ``P`` clients not in ``excluded`` (sorted; with none excluded exactly the draw over ``0..N-1``)."""
+    pool = _pool(num_clients, excluded)
     rng = np.random.default_rng([seed, round_index, EVAL_STREAM])
-    return sorted(int(i) for i in rng.choice(num_clients, size=min(count, num_clients), replace=False))
+    return sorted(pool[int(i)] for i in rng.choice(len(pool), size=min(count, len(pool)), replace=False))
 
 
 def attacked_clients(seed: int, num_clients: int, fraction: float) -> list[int]:
