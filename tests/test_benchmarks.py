@@ -51,3 +51,26 @@ def test_cocoop_cost_counts_batch_times_the_text_work_of_coop():
     gflop = {k: float(v[4]) for k, v in rows.items()}
     # the image-conditioned text pass is about B times CoOp's; chunks recompute each forward once in backward
     assert 3.5 * gflop["coop", "all"] < gflop["cocoop", "all"] < gflop["cocoop", "1"]
+
+
+def test_step_time_tables_one_client_step_at_the_old_and_the_new_checkout():
+    """The old checkout is the commit before the method-seam rebuild of #10, in a temporary worktree: its worker
+    trains through ``Orchestrator.train_client``, this checkout's through ``LocalTrainer.train``."""
+    old = "0a20e8c"
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{old}^{{commit}}"]).returncode != 0:
+        pytest.skip(f"this checkout has no git history with {old}")
+    args = ["--old", old, "--backbones", "tiny", "--steps", "2", "--repeats", "2", "--warmup", "0"]
+    done = subprocess.run([sys.executable, "benchmarks/step_time.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("machine: ") and f"old: {old} " in done.stdout
+    rows = {line.split()[1]: [float(v.rstrip("x")) for v in line.split()[2:]]
+            for line in done.stdout.splitlines() if line.startswith("tiny ")}
+    assert set(rows) == {"pfedmoap", "promptfl"}
+    for wall_old, wall_new, ratio, cpu_old, cpu_new, cpu_ratio in rows.values():
+        assert min(wall_old, wall_new, cpu_old, cpu_new) > 0
+        assert ratio == pytest.approx(wall_new / wall_old, rel=0.02, abs=0.01)
+        assert cpu_ratio == pytest.approx(cpu_new / cpu_old, rel=0.02, abs=0.01)
+    # The temporary worktree is gone again.
+    listed = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "fedlit-old-" not in listed
