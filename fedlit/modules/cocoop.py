@@ -58,8 +58,9 @@ class CoCoOpClient(CoOpClient):
 
     ``chunk`` images' prompts go through the text tower at a time (0: a whole batch at once)."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], chunk: int = 32, **kwargs):
+    def __init__(self, backbone: Backbone | str, classnames: list[str], chunk: int = 32, **kwargs):
         super().__init__(backbone, classnames, **kwargs)
+        backbone = self.backbone  # the loaded one when given by name
         self.meta_net = meta_net(backbone.feature_dim, backbone.text_width).to(self.prompt_learner.ctx)
         self.chunk = int(chunk)
 

@@ -62,9 +62,10 @@ class DPFPLClient(CoOpClient):
     ``prompt_learner.ctx``, shared; ``ctx_l`` is ``local_ctx``, private, ``N(0, init_std²)`` from its own seeded
     stream). Both are trained with the prompt learning rate, constant (the public code's scheduler never steps)."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], prompt: PromptConfig | None = None,
+    def __init__(self, backbone: Backbone | str, classnames: list[str], prompt: PromptConfig | None = None,
                  seed: int | None = None, **kwargs):
         super().__init__(backbone, classnames, prompt=prompt, seed=seed, **kwargs)
+        backbone = self.backbone  # the loaded one when given by name
         prompt = as_config(PromptConfig, prompt)
         learner = self.prompt_learner
         local = init_context(learner.n_ctx, backbone.text_width, learner.num_classes if learner.class_specific

@@ -60,9 +60,10 @@ class FedCLIPClient(ClientModule):
     ``T`` the frozen normalised text features of ``template.format(classname)``. The loss is
     :func:`clip_contrastive_loss`; only the adapter is trained (constant lr ``lr``)."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], template: str = "a picture of a {}",
+    def __init__(self, backbone: Backbone | str, classnames: list[str], template: str = "a picture of a {}",
                  lr: float = 1.0, **kwargs):
         super().__init__(backbone, classnames, **kwargs)
+        backbone = self.backbone  # the loaded one when given by name
         self.template = template
         self.lr = float(lr)
         self.adapter = AttentionAdapter(backbone.feature_dim)

@@ -75,7 +75,7 @@ class FedPHAClient(CoOpClient):
     ``CE(local) + CE(global) + pull + push`` (:func:`pull_push_loss`; the terms come from the same text-tower passes
     as the logits). Both prompts train with the prompt lr."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], local_length: int = 16,
+    def __init__(self, backbone: Backbone | str, classnames: list[str], local_length: int = 16,
                  max_local_length: int | None = None, ratio: float = 0.8, alpha: float = 1.0,
                  prompt: PromptConfig | None = None, seed: int | None = None, cut: bool = True, **kwargs):
         prompt = as_config(PromptConfig, prompt)
@@ -84,6 +84,7 @@ class FedPHAClient(CoOpClient):
                             "the end (the public code's only working setting): unset prompt.ctx_init, "
                             "prompt.class_specific and prompt.class_position")
         super().__init__(backbone, classnames, prompt=prompt, seed=seed, cut=cut, **kwargs)
+        backbone = self.backbone  # the loaded one when given by name
         rows = local_length if max_local_length is None else max_local_length
         if not 1 <= local_length <= rows:
             raise ValueError(f"local_length must be in [1, max_local_length={rows}] (got {local_length})")

@@ -138,10 +138,11 @@ class FedTPGClient(ClientModule):
 
     text_depends_on_candidates = True
 
-    def __init__(self, backbone: Backbone, classnames: list[str], prompt: PromptConfig | None = None,
+    def __init__(self, backbone: Backbone | str, classnames: list[str], prompt: PromptConfig | None = None,
                  depth: int = 0, heads: int = 4, train_classes: list[int] | None = None, client_classes: bool = True,
                  seed: int | None = None, cut: bool = True, share_prefix: bool = True, **kwargs):
         super().__init__(backbone, classnames, **kwargs)
+        backbone = self.backbone  # the loaded one when given by name
         prompt = as_config(PromptConfig, prompt)
         # The learner keeps the frozen start / class / end tokens; its own ctx is replaced by the generated one.
         self.prompt_learner = PromptLearner(backbone, classnames, n_ctx=prompt.n_ctx,

@@ -26,9 +26,10 @@ class KgCoOpClient(CoOpClient):
     with ``T_clip`` the frozen features of ``template.format(classname)``, encoded once. The prompt's features are
     encoded once per step: the forward keeps those it computed with gradients for the regulariser of that step."""
 
-    def __init__(self, backbone: Backbone, classnames: list[str], weight: float = 8.0,
+    def __init__(self, backbone: Backbone | str, classnames: list[str], weight: float = 8.0,
                  template: str = "a photo of a {}.", **kwargs):
         super().__init__(backbone, classnames, **kwargs)
+        backbone = self.backbone  # the loaded one when given by name
         self.weight = float(weight)
         self.template = template
         texts = [template.format(clean_classname(n)) for n in classnames]
