@@ -804,10 +804,6 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _integer("method.tpg_heads", m.tpg_heads, 1)
     _number("method.clip_adapter_lr", m.clip_adapter_lr, 0.0, open_low=True)
     _check_template("method.clip_adapter_template", m.clip_adapter_template)
-    if cfg.algorithm == "fedtpg":
-        _check(cfg.prompt.ctx_init is None and not cfg.prompt.class_specific,
-               "algorithm=fedtpg generates one shared context from the class names: prompt.ctx_init and "
-               "prompt.class_specific do not apply (unset them)")
 
 
 def _check_template(key: str, template: str) -> None:
@@ -826,10 +822,6 @@ def _check_fedpha(m: MethodConfig, cfg: Config) -> None:
            "one per client")
     _number("method.pha_ratio", m.pha_ratio, 0.0, 1.0)
     _number("method.pha_alpha", m.pha_alpha, 0.0)
-    p = cfg.prompt
-    _check(cfg.algorithm != "fedpha" or (p.ctx_init is None and not p.class_specific and p.class_position == "end"),
-           "algorithm=fedpha draws unified random prompts with the class name at the end (the public code's only "
-           "working setting): unset prompt.ctx_init, prompt.class_specific and prompt.class_position")
 
 
 def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
@@ -852,18 +844,46 @@ def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
 SYNCHRONOUS_ALGORITHMS = ("dpfpl",)  # methods on the synchronous mode (fedlit/federation/synchronous.py)
 
 
-def _check_synchronous(cfg: Config) -> None:
-    """Robust rules and upload attacks act on a round's uploads, which the synchronous mode does not combine."""
-    runs = [a for a in SYNCHRONOUS_ALGORITHMS if cfg.algorithm in (a, "all")]
-    if not runs:
-        return
-    robust = cfg.robust.aggregator != "mean" or cfg.robust.pre != "none"
-    what = (f"robust.aggregator={cfg.robust.aggregator} / robust.pre={cfg.robust.pre}" if robust
-            else f"attack.kind={cfg.attack.kind}" if cfg.attack.kind in UPLOAD_ATTACKS else None)
-    _check(what is None, f"{what} acts on round uploads, but algorithm={runs[0]}"
-                         f"{' (part of algorithm=all)' if cfg.algorithm == 'all' else ''} combines per-step "
-                         "gradients (synchronous mode); use robust.aggregator=mean, robust.pre=none and attack.kind "
-                         "none or label_flip, or another algorithm")
+def method_conflict(cfg: Config, name: str) -> str | None:
+    """Why method ``name`` cannot run ``cfg`` (None: it can): ``algorithm=<name>`` refuses such a config in this one
+    line, and ``algorithm=all`` leaves the method out with a note (:func:`runnable_algorithms`)."""
+    p = cfg.prompt
+    if name == "fedtpg" and (p.ctx_init is not None or p.class_specific):
+        return ("algorithm=fedtpg generates one shared context from the class names: prompt.ctx_init and "
+                "prompt.class_specific do not apply (unset them)")
+    if name == "fedpha" and (p.ctx_init is not None or p.class_specific or p.class_position != "end"):
+        return ("algorithm=fedpha draws unified random prompts with the class name at the end (the public code's "
+                "only working setting): unset prompt.ctx_init, prompt.class_specific and prompt.class_position")
+    if name in SYNCHRONOUS_ALGORITHMS:
+        robust = cfg.robust.aggregator != "mean" or cfg.robust.pre != "none"
+        what = (f"robust.aggregator={cfg.robust.aggregator} / robust.pre={cfg.robust.pre}" if robust
+                else f"attack.kind={cfg.attack.kind}" if cfg.attack.kind in UPLOAD_ATTACKS else None)
+        if what is not None:
+            return (f"{what} acts on round uploads, but algorithm={name} combines per-step gradients (synchronous "
+                    "mode); use robust.aggregator=mean, robust.pre=none and attack.kind none or label_flip, or "
+                    "another algorithm")
+    return None
+
+
+def runnable_algorithms(cfg: Config) -> list[str]:
+    """The methods ``cfg`` runs, in order: ``cfg.algorithm``, or for ``algorithm=all`` every method that can run
+    ``cfg`` (:func:`method_conflict`)."""
+    if cfg.algorithm != "all":
+        return [cfg.algorithm]
+    return [name for name in ALGORITHMS if method_conflict(cfg, name) is None]
+
+
+def skipped_algorithms(cfg: Config) -> dict[str, str]:
+    """The methods ``algorithm=all`` leaves out of ``cfg`` (name -> why); empty for a single method."""
+    if cfg.algorithm != "all":
+        return {}
+    return {name: why for name in ALGORITHMS if (why := method_conflict(cfg, name)) is not None}
+
+
+def _check_method_fits(cfg: Config) -> None:
+    if cfg.algorithm != "all":
+        why = method_conflict(cfg, cfg.algorithm)
+        _check(why is None, str(why))
 
 
 def _check_robust(r: RobustConfig) -> None:
@@ -945,6 +965,6 @@ def validate(cfg: Config) -> None:
     _check_robust(cfg.robust)
     _check_privacy(cfg.privacy, cfg)
     _check_attack(cfg.attack)
-    _check_synchronous(cfg)
+    _check_method_fits(cfg)
     _check_trainer(cfg.trainer)
     _check_run(cfg.run)

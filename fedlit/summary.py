@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from fedlit.config import ALGORITHMS, Config, heldout_size, to_yaml, training_pool_size
+from fedlit.config import Config, heldout_size, runnable_algorithms, skipped_algorithms, to_yaml, training_pool_size
 
 # Approximate train images and classes of each dataset (CoOp's splits for the CLIP datasets), for the estimate
 # of client-steps before anything is loaded; None where the size depends on the files found under data.root.
@@ -15,11 +15,6 @@ TRAIN_SIZES: dict[str, tuple[int, int] | None] = {
     "office_caltech10": None,
 }
 SHAPES_CLASSES = 32
-
-
-def methods_of(cfg: Config) -> list[str]:
-    """The methods ``cfg`` runs, in order (every method for ``algorithm=all``)."""
-    return list(ALGORITHMS) if cfg.algorithm == "all" else [cfg.algorithm]
 
 
 def has_experts(method: str) -> bool:
@@ -79,9 +74,10 @@ def estimated_client_steps(cfg: Config) -> int | None:
 
 def inert_warnings(cfg: Config) -> list[str]:
     """One line per method of ``cfg`` whose defining feature does nothing in this configuration: pFedMoAP with no
-    expert in any round (K = 0), FedProx with mu = 0."""
+    expert in any round (K = 0), FedProx with mu = 0; and one per method ``algorithm=all`` leaves out (it cannot run
+    this configuration: :func:`fedlit.config.method_conflict`)."""
     found = []
-    methods = methods_of(cfg)
+    methods = runnable_algorithms(cfg)
     if any(has_experts(m) for m in methods) and max(experts_per_round(cfg)) == 0:
         why = ("method.num_experts=1 leaves no expert besides the local one" if cfg.method.num_experts == 1
                else f"with {clients_per_round(cfg)} client(s) per round over {cfg.fed.rounds} round(s) no sampled "
@@ -90,6 +86,7 @@ def inert_warnings(cfg: Config) -> list[str]:
         found.append(f"{names}: K = 0 experts in every round ({why}); the run is CoOp with a gate over one prompt")
     if "fedprox" in methods and cfg.method.mu == 0:
         found.append("fedprox: method.mu=0 removes the proximal term; the run is PromptFL")
+    found += [f"algorithm=all leaves out {name}: {why}" for name, why in skipped_algorithms(cfg).items()]
     return found
 
 
@@ -97,7 +94,7 @@ def summary_line(cfg: Config) -> str:
     """One line: clients per round, K experts (pFedMoAP family), rounds, estimated client-steps."""
     held = f" ({heldout_size(cfg)} held out)" if heldout_size(cfg) else ""
     parts = [f"clients per round {clients_per_round(cfg)} of {training_pool_size(cfg)}{held}"]
-    if any(has_experts(m) for m in methods_of(cfg)):
+    if any(has_experts(m) for m in runnable_algorithms(cfg)):
         counts = experts_per_round(cfg)
         low, high = min(counts), max(counts)
         spread = f"{high}" if low == high else f"{low} (round 1) to {high}"
@@ -105,7 +102,7 @@ def summary_line(cfg: Config) -> str:
     parts.append(f"rounds {cfg.fed.rounds}")
     steps = estimated_client_steps(cfg)
     per_method = "unknown until the dataset is loaded" if steps is None else f"~{steps:,}"
-    methods = len(methods_of(cfg))
+    methods = len(runnable_algorithms(cfg))
     parts.append(f"estimated client-steps {per_method}" + (f" per method ({methods} methods)" if methods > 1 else ""))
     return "fedlit | " + " | ".join(parts)
 

@@ -245,3 +245,21 @@ def test_later_overrides_win(tmp_path):
 def test_hand_built_configs_are_type_checked(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(dataclasses.replace(Config(), **change))
+
+
+def test_algorithm_all_leaves_out_the_methods_a_config_excludes_and_says_why():
+    from fedlit.config import ALGORITHMS, runnable_algorithms, skipped_algorithms
+    from fedlit.summary import inert_warnings
+
+    worded = load_config(None, ["algorithm=all", "prompt.ctx_init=a photo of a"])
+    assert runnable_algorithms(worded) == [a for a in ALGORITHMS if a not in ("fedpha", "fedtpg")]
+    assert sorted(skipped_algorithms(worded)) == ["fedpha", "fedtpg"]
+    attacked = load_config(None, ["algorithm=all", "attack.kind=sign_flip", "attack.fraction=0.2"])
+    assert runnable_algorithms(attacked) == [a for a in ALGORITHMS if a != "dpfpl"]
+    [line] = [w for w in inert_warnings(attacked) if "leaves out" in w]
+    assert line.startswith("algorithm=all leaves out dpfpl: attack.kind=sign_flip acts on round uploads")
+    assert runnable_algorithms(load_config(None, ["algorithm=all"])) == list(ALGORITHMS)
+    for name, override in (("fedtpg", "prompt.class_specific=true"), ("fedpha", "prompt.class_position=front"),
+                           ("dpfpl", "robust.aggregator=median")):
+        with pytest.raises(ConfigError, match=f"algorithm={name} "):
+            load_config(None, [f"algorithm={name}", override])

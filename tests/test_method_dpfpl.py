@@ -154,8 +154,6 @@ def test_bad_dpfpl_settings_are_one_line_before_anything_is_written(tmp_path):
         (["method.dpfpl_rank=1.5"], "dpfpl_rank"),
         (["algorithm=dpfpl", "robust.aggregator=median"], "robust.aggregator=median / robust.pre=none acts on round "
                                                           "uploads, but algorithm=dpfpl combines per-step"),
-        (["algorithm=all", "attack.kind=sign_flip", "attack.fraction=0.2"],
-         "attack.kind=sign_flip acts on round uploads, but algorithm=dpfpl (part of algorithm=all)"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, overrides)

@@ -17,7 +17,7 @@ from lightning.fabric import Fabric
 
 from fedlit.algorithms import Algorithm, build_algorithm
 from fedlit.backbone import Backbone, load_backbone
-from fedlit.config import ALGORITHMS, RANDOM_WEIGHTS, Config, to_yaml
+from fedlit.config import RANDOM_WEIGHTS, Config, runnable_algorithms, to_yaml
 from fedlit.data.base import DatasetBundle
 from fedlit.data.features import FeatureCache
 from fedlit.data.partition import Partition, base_classes, make_partition, save_manifest
@@ -89,11 +89,6 @@ def make_fabric(cfg: Config) -> Fabric:
     if note is not None and fabric.global_rank == 0 and not cfg.run.quiet:
         print(note, file=sys.stderr, flush=True)
     return fabric
-
-
-def algorithms_of(cfg: Config) -> list[str]:
-    """The methods this config runs, in order."""
-    return list(ALGORITHMS) if cfg.algorithm == "all" else [cfg.algorithm]
 
 
 @dataclass
@@ -192,7 +187,7 @@ def run_experiment(cfg: Config) -> list[dict]:
 
     # Everything that can fail on bad input happens before the run directory exists (its name is chosen first, for
     # the summary line printed before the features are computed).
-    names = algorithms_of(cfg)
+    names = runnable_algorithms(cfg)
     run_dir, resuming = _resolve_run_dir(cfg, fabric)
 
     def announce(backbone: Backbone, bundle: DatasetBundle, partition: Partition) -> None:
