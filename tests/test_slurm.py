@@ -435,6 +435,6 @@ def test_installed_fedlit_without_a_checkout_runs_both_ways(cluster, work, tmp_p
         assert f"in {elsewhere}, {sys.executable} -m fedlit" in wrapped_log  # FEDLIT_PYTHON from fedlit slurm
         assert f"in {elsewhere}, fedlit" in copied_log  # the fedlit on PATH; _common.sh from the copied folder
         assert "cell 0: --config configs/default.yaml" in copied_log
-        results = [results_of(elsewhere / "runs", f"{name}-0")[1] for name in ("wrapped", "copied")]
+        results = [results_of(elsewhere / "runs", f"{name}-seed=1")[1] for name in ("wrapped", "copied")]
         assert [(r["seed"], [x["round"] for x in r["rounds"]]) for r in results] == [(1, [1, 2])] * 2
         assert accuracies(results[0]) == accuracies(results[1])  # the same cell, either way
