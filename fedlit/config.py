@@ -844,6 +844,15 @@ def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
 SYNCHRONOUS_ALGORITHMS = ("dpfpl",)  # methods on the synchronous mode (fedlit/federation/synchronous.py)
 
 
+FEDPHA_PROMPT_RULE = ("draws unified random prompts with the class name at the end (the public code's only working "
+                      "setting): unset prompt.ctx_init, prompt.class_specific and prompt.class_position")
+
+
+def fedpha_prompt_fits(p: PromptConfig) -> bool:
+    """Whether FedPHA can train prompts of ``p``: random, unified, the class name at the end."""
+    return p.ctx_init is None and not p.class_specific and p.class_position == "end"
+
+
 def method_conflict(cfg: Config, name: str) -> str | None:
     """Why method ``name`` cannot run ``cfg`` (None: it can): ``algorithm=<name>`` refuses such a config in this one
     line, and ``algorithm=all`` leaves the method out with a note (:func:`runnable_algorithms`)."""
@@ -851,9 +860,8 @@ def method_conflict(cfg: Config, name: str) -> str | None:
     if name == "fedtpg" and (p.ctx_init is not None or p.class_specific):
         return ("algorithm=fedtpg generates one shared context from the class names: prompt.ctx_init and "
                 "prompt.class_specific do not apply (unset them)")
-    if name == "fedpha" and (p.ctx_init is not None or p.class_specific or p.class_position != "end"):
-        return ("algorithm=fedpha draws unified random prompts with the class name at the end (the public code's "
-                "only working setting): unset prompt.ctx_init, prompt.class_specific and prompt.class_position")
+    if name == "fedpha" and not fedpha_prompt_fits(p):
+        return f"algorithm=fedpha {FEDPHA_PROMPT_RULE}"
     if name in SYNCHRONOUS_ALGORITHMS:
         robust = cfg.robust.aggregator != "mean" or cfg.robust.pre != "none"
         what = (f"robust.aggregator={cfg.robust.aggregator} / robust.pre={cfg.robust.pre}" if robust

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlit.backbone import Backbone
-from fedlit.config import PromptConfig
+from fedlit.config import FEDPHA_PROMPT_RULE, PromptConfig, fedpha_prompt_fits
 from fedlit.errors import UserError
 from fedlit.modules.base import as_config
 from fedlit.modules.coop import CTX, CoOpClient
@@ -79,10 +79,8 @@ class FedPHAClient(CoOpClient):
                  max_local_length: int | None = None, ratio: float = 0.8, alpha: float = 1.0,
                  prompt: PromptConfig | None = None, seed: int | None = None, cut: bool = True, **kwargs):
         prompt = as_config(PromptConfig, prompt)
-        if prompt.ctx_init is not None or prompt.class_specific or prompt.class_position != "end":
-            raise UserError("fedpha (also run by algorithm=all) draws unified random prompts with the class name at "
-                            "the end (the public code's only working setting): unset prompt.ctx_init, "
-                            "prompt.class_specific and prompt.class_position")
+        if not fedpha_prompt_fits(prompt):
+            raise UserError(f"fedpha {FEDPHA_PROMPT_RULE}")
         super().__init__(backbone, classnames, prompt=prompt, seed=seed, cut=cut, **kwargs)
         backbone = self.backbone  # the loaded one when given by name
         rows = local_length if max_local_length is None else max_local_length
