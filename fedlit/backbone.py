@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -136,14 +137,18 @@ class Backbone(nn.Module):
                             f"image towers, not {type(visual).__name__}")
         return F.normalize(tokens, dim=-1)
 
-    def encode_prompts(self, embeddings: Tensor, eot_index: Tensor, normalize: bool = True) -> Tensor:
+    def encode_prompts(self, embeddings: Tensor, eot_index: Tensor, normalize: bool = True,
+                       deep: Sequence[Tensor] = ()) -> Tensor:
         """Text features ``(..., D)`` of prompt embeddings ``(..., L, W)`` whose end tokens sit at ``eot_index (...)``.
 
         ``L`` may be shorter than the context (a cut sequence): positional embeddings and the causal mask are
-        sliced to it. Runs with grad so that a learnable context receives gradients.
+        sliced to it. Runs with grad so that a learnable context receives gradients. ``deep``: deep text prompts
+        ``(n, W)`` (or ``(..., n, W)`` matching the embeddings' leading dimensions) replacing the context positions
+        ``1..n`` before blocks ``1..len(deep)`` (:func:`fedlit.clip_text.text_tower`).
         """
         lead = embeddings.shape[:-2]
-        x = text_tower(self.model, embeddings.reshape(-1, *embeddings.shape[-2:]), eot_index.reshape(-1))
+        x = text_tower(self.model, embeddings.reshape(-1, *embeddings.shape[-2:]), eot_index.reshape(-1),
+                       deep=[p if p.dim() == 2 else p.expand(*lead, *p.shape[-2:]) for p in deep])
         x = F.normalize(x, dim=-1) if normalize else x
         return x.reshape(*lead, x.shape[-1])
 

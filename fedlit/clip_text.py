@@ -7,6 +7,8 @@ the last end token, which is exact for a causal tower with argmax pooling (no po
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,14 +23,33 @@ def encode_text_cut(model: nn.Module, tokens: Tensor, cut: bool = True) -> Tenso
     return text_tower(model, model.token_embedding(tokens[:, :length]), eot)
 
 
-def text_tower(model: nn.Module, embeddings: Tensor, eot_index: Tensor) -> Tensor:
+def text_tower(model: nn.Module, embeddings: Tensor, eot_index: Tensor, deep: Sequence[Tensor] = (),
+               deep_position: int = 1) -> Tensor:
     """Unnormalised text features ``(N, D)`` of an open_clip CLIP for token embeddings ``(N, L, W)`` (``L`` up to
-    the context length; positional embeddings and the causal mask are sliced to it), pooled at ``eot_index (N,)``."""
+    the context length; positional embeddings and the causal mask are sliced to it), pooled at ``eot_index (N,)``.
+
+    ``deep``: deep text prompts (IVLP, MaPLe): before block ``j + 1`` the ``n`` positions from ``deep_position`` on
+    (the context after the start token) are replaced by ``deep[j] (n, W)`` (or ``(N, n, W)``, or leading dimensions
+    whose product is ``N``), as the public MaPLe code's ``Transformer_MaPLe`` does."""
     length = embeddings.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
-    return _pool_and_project(model, model.transformer(x, attn_mask=mask), eot_index)
+    if not deep:
+        return _pool_and_project(model, model.transformer(x, attn_mask=mask), eot_index)
+    blocks = model.transformer.resblocks
+    if len(deep) >= len(blocks):
+        raise ValueError(f"{len(deep)} deep text prompts need more than {len(blocks)} text layers")
+    batch_first = model.transformer.batch_first
+    for i, block in enumerate(blocks):
+        if 1 <= i <= len(deep):
+            prompt = deep[i - 1].to(cast_dtype).reshape(-1, *deep[i - 1].shape[-2:])  # (1 or N, n, W)
+            prompt = prompt.expand(x.shape[0], -1, -1)
+            stop = deep_position + prompt.shape[1]
+            x = torch.cat([x[:, :deep_position], prompt, x[:, stop:]], dim=1)
+        x = block(x if batch_first else x.transpose(0, 1), attn_mask=mask)
+        x = x if batch_first else x.transpose(0, 1)
+    return _pool_and_project(model, x, eot_index)
 
 
 def _pool_and_project(model: nn.Module, x: Tensor, eot_index: Tensor) -> Tensor:
