@@ -101,6 +101,11 @@ class PromptConfig:
     class_specific: bool = False
     class_position: str = "end"  # end | front | middle
     init_std: float = 0.02
+    # Prompts inside the image encoder (VPT, IVLP, MaPLe, FedMGP; ViT backbones only):
+    vision_n_ctx: int = 2  # prompt tokens per prompted layer of the image tower (MaPLe/IVLP's public N_CTX)
+    depth: int | None = None  # layers of each tower that hold prompts, from the first prompted one: 1 = shallow,
+    # None = every layer (deep); checked against the backbone's layers when the run starts
+    vision_start_layer: int = 0  # first image-tower block with prompts; the blocks below it are frozen and cached
 
 
 @dataclass
@@ -235,6 +240,8 @@ class PerfConfig:
     # free memory; CPU: 1, which keeps 1 and N processes bitwise equal; set G for 1.2-1.6x there)
     augmented_views: int = 0  # > 0: precompute this many augmented views per train image (changes semantics)
     disk_cache: bool = False  # also keep image features on disk under backbone.cache_dir/features
+    checkpoint_activations: bool = False  # image-side prompt methods: recompute the image tower's activations in
+    # the backward pass (less memory, same numbers, about one more forward pass of time)
 
 
 @dataclass
@@ -627,6 +634,10 @@ def _check_prompt(p: PromptConfig) -> None:
     _check(p.class_position in CLASS_POSITIONS,
            f"prompt.class_position must be end, front or middle (got {p.class_position!r})")
     _number("prompt.init_std", p.init_std, 0.0)
+    _integer("prompt.vision_n_ctx", p.vision_n_ctx, 1)
+    if p.depth is not None:
+        _integer("prompt.depth", p.depth, 1)
+    _integer("prompt.vision_start_layer", p.vision_start_layer, 0)
 
 
 def _check_gate(g: GateConfig, cfg: Config) -> None:
