@@ -262,3 +262,28 @@ def test_a_short_federated_run_on_real_digits(tmp_path, single_thread):
     assert results["dataset"] == "digits" and len(results["rounds"]) == 2
     accuracies = results["rounds"][-1]["accuracy"]
     assert len(accuracies) == 3 and all(0.0 <= a <= 1.0 for a in accuracies)
+
+
+def test_the_run_summary_estimates_the_clients_real_images(tmp_path):
+    from fedlit.config import load_config
+    from fedlit.summary import train_images_per_client
+
+    def images(*overrides: str) -> float | None:
+        return train_images_per_client(load_config(None, [f"run.out_dir={tmp_path}", "algorithm=promptfl", *overrides]))
+
+    assert images("data.name=fashion_mnist", "data.partition=dirichlet", "data.num_clients=5",
+                  "data.max_train_per_class=32") == 64.0
+    assert images("data.name=digits", "data.partition=iid", "data.num_clients=4") == 338.0
+    assert images("data.name=digits", "data.partition=pathological", "data.shots=4", "data.num_clients=5") == 8.0
+
+
+def test_caps_are_refused_on_shapes_and_below_one(tmp_path):
+    from fedlit.config import ConfigError, load_config
+
+    for overrides, expected in ((["data.max_test_per_class=5"], "data.max_test_per_class cuts a real dataset; shapes "
+                                 "generates data.test_per_class images per class: set that instead"),
+                                (["data.name=digits", "data.max_train_per_class=0"],
+                                 "data.max_train_per_class must be >= 1 (got 0)")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"run.out_dir={tmp_path}", *overrides])
+        assert str(err.value) == expected
