@@ -264,6 +264,23 @@ def test_a_short_federated_run_on_real_digits(tmp_path, single_thread):
     assert len(accuracies) == 3 and all(0.0 <= a <= 1.0 for a in accuracies)
 
 
+def test_dirichlet_and_base_to_novel_run_on_fashion_mnist_files(tmp_path, no_debian, single_thread):
+    write_fashion(tmp_path / "data" / "FashionMNIST" / "raw", n_train=6, n_test=4)
+    out_dir = tmp_path / "runs"
+    common = FAST + [f"backbone.cache_dir={cache_dir()}", "data.name=fashion_mnist", f"data.root={tmp_path / 'data'}",
+                     "data.num_clients=2", "fed.rounds=1", "algorithm=promptfl", "perf.disk_cache=false"]
+    assert main(common + [f"run.out_dir={out_dir / 'dir'}", "data.partition=dirichlet", "data.min_size=2"]) == 0
+    partition = json.loads((only_run_dir(out_dir / "dir") / "partition.json").read_text())
+    assert partition["scheme"] == "dirichlet" and sum(partition["train_sizes"]) == 60  # every train image dealt
+    assert main(common + [f"run.out_dir={out_dir / 'b2n'}", "eval.protocol=base2novel", "data.shots=2"]) == 0
+    results = read_results(only_run_dir(out_dir / "b2n"))
+    final = results["rounds"][-1]
+    assert 0.0 <= final["acc_novel_mean"] <= 1.0 and 0.0 <= final["acc_hm_mean"] <= 1.0
+    histogram = np.array(json.loads((only_run_dir(out_dir / "b2n") / "partition.json").read_text())
+                         ["train_label_histogram"])
+    assert histogram[:, 5:].sum() == 0 and histogram[:, :5].sum() == 2 * 5  # trained on the base half only
+
+
 def test_the_run_summary_estimates_the_clients_real_images(tmp_path):
     from fedlit.config import load_config
     from fedlit.summary import train_images_per_client
