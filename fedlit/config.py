@@ -52,7 +52,7 @@ ALGORITHMS = algorithm_names()
 PARTITIONS = ("iid", "dirichlet", "pathological", "domain")
 # The names of fedlit.data.registry.DATASET_NAMES (a test keeps them equal; importing it here would pull in torch).
 DATASETS = ("shapes", "cifar10", "cifar100", "caltech101", "oxford_pets", "flowers102", "food101", "dtd",
-            "domainnet", "office_caltech10")
+            "domainnet", "office_caltech10", "fashion_mnist", "digits")
 DOMAIN_DATASETS = ("domainnet", "office_caltech10")
 # The domains of each domain dataset (fedlit.data.datasets reads them from here).
 DATASET_DOMAINS = {"domainnet": ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
@@ -67,7 +67,8 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-t
 # fedlit calls Fabric.launch() without a function and never wraps models: spawn, FSDP and DeepSpeed do not apply.
 STRATEGIES = ("auto", "ddp")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")  # as fedlit.backbone: pretrained is a file
-BUILTIN_BACKBONES = ("tiny", "shapes-clip")  # fedlit's own weights: backbone.pretrained does not apply
+BUILTIN_BACKBONES = ("tiny", "shapes-clip", "fashion-clip")  # fedlit's own weights: backbone.pretrained does not apply
+PRETRAINED_BUILTINS = ("shapes-clip", "fashion-clip")  # the built-in backbones with trained weights (fedlit.pretrain)
 RANDOM_WEIGHTS = "random"  # backbone.pretrained of an open_clip model trained from random weights, on purpose
 MAX_INT = 2**31 - 1  # integer keys above this only overflow C code (numpy, torch) further down
 MAX_SEED = 2**32 - 1
@@ -88,7 +89,7 @@ class ConfigError(UserError):
 
 @dataclass
 class BackboneConfig:
-    name: str = "shapes-clip"  # open_clip model name, "shapes-clip" (built offline) or "tiny" (random)
+    name: str = "shapes-clip"  # open_clip model name, "shapes-clip" / "fashion-clip" (built offline) or "tiny" (random)
     pretrained: str | None = None  # open_clip tag (e.g. "openai"), a local weights file, or "random" (open_clip only)
     cache_dir: str | None = None  # built backbones and feature caches (None: $FEDLIT_CACHE or ~/.cache/fedlit)
     sanity_check: bool = True  # pretrained backbones: stop if zero-shot accuracy is at chance (misaligned names)
@@ -132,6 +133,8 @@ class DataConfig:
     train_per_class: int = 64  # shapes only: generated train images per class
     test_per_class: int = 32  # shapes only: generated test images per class
     shapes_brightness: float = 1.0  # shapes only: < 1 darkens the images (a domain shift from the pretraining data)
+    max_train_per_class: int | None = None  # real datasets: keep the first N train images of each class (None: all)
+    max_test_per_class: int | None = None  # real datasets: keep the first N test images of each class (None: all)
     batch_size: int = 32
     num_workers: int = 0
     drop_last: bool = False  # drop each client's last partial train batch in every epoch (reference code's DataLoader)
@@ -671,6 +674,12 @@ def _check_data(d: DataConfig) -> None:
     _integer("data.train_per_class", d.train_per_class, 1)
     _integer("data.test_per_class", d.test_per_class, 1)
     _number("data.shapes_brightness", d.shapes_brightness, 0.0, 1.0, open_low=True)
+    for key in ("max_train_per_class", "max_test_per_class"):
+        value = getattr(d, key)
+        if value is not None:
+            _integer(f"data.{key}", value, 1)
+            _check(d.name != "shapes", f"data.{key} cuts a real dataset; shapes generates data."
+                                       f"{key.removeprefix('max_')} images per class: set that instead")
     _integer("data.batch_size", d.batch_size, 1)
     _integer("data.num_workers", d.num_workers, 0)
 

@@ -207,7 +207,7 @@ def test_an_open_clip_model_needs_weights_or_random_by_name(tmp_path):
     assert fast(tmp_path, "backbone.name=tiny").backbone.pretrained is None  # the built-ins need nothing
 
 
-@pytest.mark.parametrize("name", ["tiny", "shapes-clip"])
+@pytest.mark.parametrize("name", ["tiny", "shapes-clip", "fashion-clip"])
 def test_pretrained_is_refused_with_the_built_in_backbones(tmp_path, name):
     (tmp_path / "w.pt").write_bytes(b"weights")
     for pretrained in ("openai", tmp_path / "w.pt", "random"):
