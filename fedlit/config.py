@@ -200,6 +200,13 @@ class MethodConfig:
     pha_ratio: float = 0.8  # fedpha: share of the global prompt's singular directions kept (--ratio 0.8 in argparse)
     pha_alpha: float = 1.0  # fedpha: margin of the push term (--alpha 1.0 in FedPHA's federated_main.py)
     dpfpl_rank: int = 8  # dpfpl: rank of the local prompt's factorisation (--rank 8 in DP-FPL; capped at n_ctx)
+    # fedmgp: prompt groups per client (NUM_PROMPTS_TEXT = NUM_PROMPTS_VISION = 5 in FedMGP's base2novel config)
+    mgp_groups: int = 5
+    mgp_upload: int = 2  # fedmgp: groups each client uploads per round, sampled by similarity (TOPK: 2)
+    mgp_temperature: float = 1.0  # fedmgp: softmax temperature of the upload sampling (TEMPERATURE: 1.0)
+    mgp_diversity_weight: float = 1.0  # fedmgp: weight of the diversity loss (DIVERGENT_LOSS_WEIGHT: 1.0)
+    mgp_pull_groups: bool = False  # fedmgp: True adds +weight * divergence, the public code's effective sign
+    # (which pulls the groups together); False subtracts it, the paper's diversity (docs/methods.md)
 
 
 @dataclass
@@ -824,6 +831,7 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _integer("method.tpg_heads", m.tpg_heads, 1)
     _number("method.clip_adapter_lr", m.clip_adapter_lr, 0.0, open_low=True)
     _check_template("method.clip_adapter_template", m.clip_adapter_template)
+    _check_fedmgp(m)
 
 
 def _check_template(key: str, template: str) -> None:
@@ -831,6 +839,15 @@ def _check_template(key: str, template: str) -> None:
     rest = template.replace("{}", "", 1)
     _check(template.count("{}") == 1 and "{" not in rest and "}" not in rest,
            f"{key} must contain exactly one {{}} (the class name) and no other braces (got {template!r})")
+
+
+def _check_fedmgp(m: MethodConfig) -> None:
+    _integer("method.mgp_groups", m.mgp_groups, 1)
+    _integer("method.mgp_upload", m.mgp_upload, 1)
+    _check(m.mgp_upload <= m.mgp_groups, f"method.mgp_upload={m.mgp_upload} exceeds method.mgp_groups="
+                                         f"{m.mgp_groups}: a client uploads some of its own prompt groups")
+    _number("method.mgp_temperature", m.mgp_temperature, 0.0, open_low=True)
+    _number("method.mgp_diversity_weight", m.mgp_diversity_weight, 0.0)
 
 
 def _check_fedpha(m: MethodConfig, cfg: Config) -> None:
@@ -864,7 +881,7 @@ def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
 SYNCHRONOUS_ALGORITHMS = ("dpfpl",)  # methods on the synchronous mode (fedlit/federation/synchronous.py)
 # Methods with prompts inside the image tower (their algorithm's image_feature_kind is "tokens"; a test keeps this
 # equal to the algorithm files): ViT backbones only, images through the prompted tower at every step.
-IMAGE_SIDE_ALGORITHMS = ("vpt",)
+IMAGE_SIDE_ALGORITHMS = ("vpt", "fedmgp")
 
 
 def image_side_conflict(cfg: Config, name: str) -> str | None:
@@ -908,6 +925,9 @@ def method_conflict(cfg: Config, name: str) -> str | None:
                 "prompt.class_specific do not apply (unset them)")
     if name == "fedpha" and not fedpha_prompt_fits(p):
         return f"algorithm=fedpha {FEDPHA_PROMPT_RULE}"
+    if name == "fedmgp" and p.depth is not None and p.depth > 1:
+        return (f"algorithm=fedmgp prompts the first layer of each tower only (the public code's PROMPT_DEPTH 1), "
+                f"not prompt.depth={p.depth}: unset prompt.depth or set it to 1")
     if name in IMAGE_SIDE_ALGORITHMS and (why := image_side_conflict(cfg, name)) is not None:
         return why
     if name in SYNCHRONOUS_ALGORITHMS:
