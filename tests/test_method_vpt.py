@@ -126,3 +126,17 @@ def test_algorithm_all_on_a_resnet_leaves_the_image_side_methods_out():
     assert method_conflict(cfg, "promptfl") is None
     vit = load_config(None, ["algorithm=all", "backbone.name=ViT-B-16", "backbone.pretrained=random"])
     assert set(IMAGE_SIDE_ALGORITHMS) <= set(runnable_algorithms(vit))
+
+
+def test_image_activation_estimate_counts_blocks_tokens_and_checkpointing(tiny_backbone, classnames):
+    from fedlit.federation.trainer import image_activation_bytes
+    from fedlit.modules import ZeroShotClient
+
+    module = VPTClient(tiny_backbone, classnames, prompt={"vision_n_ctx": 2})
+    tokens, width, heads, blocks = 17 + 2, 64, 2, 2  # tiny: 16 patches + class token, 2 prompt tokens, 2 blocks
+    assert image_activation_bytes(module) == 4 * blocks * tokens * (18 * width + 2 * heads * tokens)
+    module.checkpoint_activations = True
+    assert image_activation_bytes(module) == 4 * blocks * tokens * width
+    module.image_passes = 5  # FedMGP: once per prompt group
+    assert image_activation_bytes(module) == 5 * 4 * blocks * tokens * width
+    assert image_activation_bytes(ZeroShotClient(tiny_backbone, classnames)) == 0

@@ -348,7 +348,8 @@ def client_activation_bytes(module: ClientModule) -> int:
 
 def image_activation_bytes(module: ClientModule) -> int:
     """Estimated bytes one image's pass through an image-side module's prompted blocks keeps alive for the backward
-    pass (0 for other modules): ``blocks x T x (18 W + 2 heads T)`` floats for T tokens of width W; with
+    pass (0 for other modules): ``passes x blocks x T x (18 W + 2 heads T)`` floats for T tokens of width W and
+    :attr:`~fedlit.modules.base.ClientModule.image_passes` passes per image (FedMGP: one per prompt group); with
     :attr:`~fedlit.modules.base.ClientModule.checkpoint_activations` only each block's input ``T x W`` is kept."""
     if not module.image_side:
         return 0
@@ -359,7 +360,7 @@ def image_activation_bytes(module: ClientModule) -> int:
     tokens = int(visual.positional_embedding.shape[0]) + int(getattr(module, "vision_n_ctx", 0))
     per_block = tokens * width if module.checkpoint_activations else \
         tokens * (ACTIVATIONS_PER_TOKEN * width + 2 * heads * tokens)
-    return 4 * blocks * per_block
+    return 4 * blocks * per_block * module.image_passes
 
 
 def available_memory(device: torch.device) -> int:

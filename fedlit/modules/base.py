@@ -67,6 +67,7 @@ class ClientModule(L.LightningModule):
     image_feature_kind = POOLED
     vision_start_layer = 0  # image-side: the first image-tower block with prompts (below it: frozen, cacheable)
     checkpoint_activations = False  # image-side: recompute the prompted blocks' activations in the backward pass
+    image_passes = 1  # image-side: passes of each image through the prompted blocks per step (FedMGP: its groups)
 
     def __init__(self, backbone: Backbone | str, classnames: list[str], optim: OptimConfig | None = None,
                  epochs: int | None = None, backbone_pretrained: str | None = None):

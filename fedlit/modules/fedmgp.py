@@ -74,6 +74,7 @@ class FedMGPClient(ClientModule):
         self.text_prompts = nn.Parameter(text.to(ctx))
         self.vision_prompts = nn.Parameter(vision.to(ctx))
         self.groups = int(groups)
+        self.image_passes = self.groups  # every image runs through the tower once per group
         self.diversity_weight = float(diversity_weight)
         self.pull_groups = bool(pull_groups)
         self._last: tuple[Tensor, Tensor] | None = None  # (image (…, M, B, D), text (…, M, C, D)) of the last
