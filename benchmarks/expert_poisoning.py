@@ -12,7 +12,7 @@ honest clients give to poisoned experts (``poison_attention``). The backbone, da
 
 Defaults: ``configs/default.yaml`` (pathological shapes, 5 local epochs, 4 experts) with 10 clients and 3 rounds.
 
-    python benchmarks/expert_poisoning.py                      # 35 runs, about 10 minutes on 2 CPU cores
+    python benchmarks/expert_poisoning.py                      # 35 runs: 20-35 minutes on 2 shared CPU cores
     python benchmarks/expert_poisoning.py --rounds 1 --attacks mislead --defences none cap
 """
 
