@@ -43,6 +43,20 @@ def rows() -> dict[str, list[str]]:
     return out
 
 
+def common_overrides(out: str, clients: int, rounds: int | None, extra: list[str]) -> list[str]:
+    """The overrides every run of a robustness table shares: quiet, under ``out``, ``clients`` clients, ``rounds``
+    rounds (None: the config's) and the user's ``extra`` ones."""
+    common = ["run.quiet=true", f"run.out_dir={out}", f"data.num_clients={clients}", *extra]
+    return common + ([f"fed.rounds={rounds}"] if rounds is not None else [])
+
+
+def run_row(job, cfg, run_dir: Path, clients: list[int]) -> tuple[float, dict]:
+    """Run ``cfg`` on ``job``'s backbone, data and partition in ``run_dir``: the mean accuracy (%) of ``clients``
+    after the last round, and that round's row of ``results.json``."""
+    last = dataclasses.replace(job, cfg=cfg).orchestrator(run_dir).run()["rounds"][-1]
+    return 100 * sum(last["accuracy"][c] for c in clients) / len(clients), last
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print one table: rows of :func:`rows`, one accuracy column per method (and the noise multiplier of DP)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,9 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as out:
-        common = ["run.quiet=true", f"run.out_dir={out}", f"data.num_clients={args.clients}", *args.overrides]
-        if args.rounds is not None:
-            common.append(f"fed.rounds={args.rounds}")
+        common = common_overrides(out, args.clients, args.rounds, args.overrides)
         base = load_config(args.config, common + [f"algorithm={args.methods[0]}"])
         job = build_job(base)
         honest = [c for c in range(args.clients) if c not in attacked_clients(base.seed, args.clients, 0.2)]
@@ -67,10 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             t0, accuracies, eps, z = time.perf_counter(), [], "", ""
             for method in args.methods:
                 cfg = load_config(args.config, common + [f"algorithm={method}", *overrides])
-                run = dataclasses.replace(job, cfg=cfg).orchestrator(Path(out) / label.replace(" ", "_") / method)
-                res = run.run()
-                last = res["rounds"][-1]
-                accuracies.append(100 * sum(last["accuracy"][c] for c in honest) / len(honest))
+                accuracy, last = run_row(job, cfg, Path(out) / label.replace(" ", "_") / method, honest)
+                accuracies.append(accuracy)
                 if "epsilon" in last:
                     eps, z = f"{last['epsilon']:.2f}", f"{last['noise_multiplier']:.3f}"
             print(f"{label:<36}" + "".join(f"{a:>10.2f}" for a in accuracies)

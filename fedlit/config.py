@@ -79,8 +79,11 @@ RESUME_MARKERS = ("config.yaml", "checkpoint.pt")
 BOOLEAN_WORDS = ("", "false", "true", "none", "null")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "geometric_median", "centered_clipping", "monna")
 PRE_AGGREGATORS = ("none", "nnm", "bucketing", "clipping")
-ATTACKS = ("none", "sign_flip", "gaussian", "label_flip", "alie", "zero")
-UPLOAD_ATTACKS = ("sign_flip", "gaussian", "alie", "zero")  # the attacks that change what a client uploads
+ATTACKS = ("none", "sign_flip", "gaussian", "label_flip", "alie", "zero", "scaled", "mislead")
+UPLOAD_ATTACKS = ("sign_flip", "gaussian", "alie", "zero", "scaled", "mislead")  # they change what a client uploads
+FLIPPING_ATTACKS = ("label_flip", "mislead")  # their attackers train on flipped labels y -> C-1-y
+ATTACK_TARGETS = ("both", "update", "pool")  # what an upload attack replaces: the aggregated update, the pool, both
+POOL_PRE_AGGREGATORS = ("none", "nnm", "clipping")  # byzfl pre-aggregators that keep one pool entry per client
 
 
 class ConfigError(UserError):
@@ -115,6 +118,8 @@ class GateConfig:
     num_heads: int = 8
     scale: float = 10.0
     top_k: int | None = None  # None: all experts; k >= 1: top-k routing (k = 1 is hard routing)
+    cap: float | None = None  # None: off; in (0, 1]: each downloaded expert's weight is at most cap, the excess goes
+    # to the local expert (a defence against poisoned experts)
 
 
 @dataclass
@@ -230,15 +235,22 @@ class RobustConfig:
     cc_iters: int = 3  # centered_clipping: iterations
     gm_nu: float = 1e-6  # geometric_median: smoothing (lower bound of the Weiszfeld distances)
     gm_iters: int = 10  # geometric_median: Weiszfeld iterations
+    # pFedMoAP's expert pool (what clients download), before the expert selection:
+    pool_filter: float | None = None  # None: off; tau > 0: drop pool prompts farther from the pool's
+    # coordinate-wise median than tau times the median of those distances
+    pool_pre: str = "none"  # none | nnm | clipping: byzfl pre-aggregation of the pool (robust.f, robust.pre_clip)
 
 
 @dataclass
 class AttackConfig:
-    kind: str = "none"  # none | sign_flip | gaussian | label_flip | alie | zero
+    kind: str = "none"  # none | sign_flip | gaussian | label_flip | alie | zero | scaled | mislead
     fraction: float = 0.0  # share of the clients that are Byzantine (chosen once per run from the seed)
     scale: float = 10.0  # sign_flip: an attacker uploads -scale times its own update
     sigma: float = 0.1  # gaussian: an attacker's update is N(0, sigma^2) per coordinate
     alie_z: float | None = None  # alie: mean + z * std of the honest updates (None: z of the ALIE paper)
+    radius: float = 0.5  # mislead: distance from the honest centroid, times the honest updates' median distance
+    target: str = "both"  # upload attacks replace: both (the aggregated update and pFedMoAP's pool entry) |
+    # update (the aggregate only; the pool keeps the upload) | pool (the pool entry only)
 
 
 @dataclass
@@ -656,6 +668,8 @@ def _check_gate(g: GateConfig, cfg: Config) -> None:
     _check(g.d_gate % g.num_heads == 0,
            f"gate.d_gate={g.d_gate} must be divisible by gate.num_heads={g.num_heads}")
     _number("gate.scale", g.scale, 0.0, open_low=True)
+    if g.cap is not None:
+        _number("gate.cap", g.cap, 0.0, 1.0, open_low=True)
     if g.top_k is not None:
         _integer("gate.top_k", g.top_k, 1)
         if _runs_experts(cfg):
@@ -930,6 +944,11 @@ def method_conflict(cfg: Config, name: str) -> str | None:
                 f"not prompt.depth={p.depth}: unset prompt.depth or set it to 1")
     if name in IMAGE_SIDE_ALGORITHMS and (why := image_side_conflict(cfg, name)) is not None:
         return why
+    pool_keys = pool_keys_set(cfg)
+    if pool_keys and not name.startswith("pfedmoap"):
+        verb = "acts" if len(pool_keys) == 1 else "act"
+        return (f"{', '.join(pool_keys)} {verb} on pFedMoAP's expert pool, which algorithm={name} does not have; "
+                "use algorithm=pfedmoap or pfedmoap_linear")
     if name in SYNCHRONOUS_ALGORITHMS:
         robust = cfg.robust.aggregator != "mean" or cfg.robust.pre != "none"
         what = (f"robust.aggregator={cfg.robust.aggregator} / robust.pre={cfg.robust.pre}" if robust
@@ -972,6 +991,9 @@ def _check_robust(r: RobustConfig) -> None:
     _integer("robust.cc_iters", r.cc_iters, 0)
     _number("robust.gm_nu", r.gm_nu, 0.0, open_low=True)
     _integer("robust.gm_iters", r.gm_iters, 0)
+    if r.pool_filter is not None:
+        _number("robust.pool_filter", r.pool_filter, 0.0, open_low=True)
+    _choice("robust.pool_pre", r.pool_pre, POOL_PRE_AGGREGATORS)
 
 
 def _check_attack(a: AttackConfig) -> None:
@@ -981,6 +1003,20 @@ def _check_attack(a: AttackConfig) -> None:
     _number("attack.sigma", a.sigma, 0.0)
     if a.alie_z is not None:
         _number("attack.alie_z", a.alie_z, 0.0)
+    _number("attack.radius", a.radius, 0.0)
+    _choice("attack.target", a.target, ATTACK_TARGETS)
+    _check(a.target == "both" or a.kind in UPLOAD_ATTACKS,
+           f"attack.target={a.target} splits what an upload attack replaces; attack.kind={a.kind} is not one "
+           f"({', '.join(UPLOAD_ATTACKS)})")
+
+
+def pool_keys_set(cfg: Config) -> list[str]:
+    """The set keys that act on pFedMoAP's expert pool or gate weights (empty at their defaults)."""
+    keys = [("attack.target=pool", cfg.attack.target == "pool"),
+            (f"robust.pool_filter={cfg.robust.pool_filter}", cfg.robust.pool_filter is not None),
+            (f"robust.pool_pre={cfg.robust.pool_pre}", cfg.robust.pool_pre != "none"),
+            (f"gate.cap={cfg.gate.cap}", cfg.gate.cap is not None)]
+    return [key for key, on in keys if on]
 
 
 def _check_perf(p: PerfConfig) -> None:

@@ -21,8 +21,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_settings(feature_dim: int, d_gate: int, num_heads: int, scale: float, top_k: int | None) -> None:
-    """UserError (the ``gate.*`` settings are user input) for a width, head count, scale or top-k that cannot work."""
+def _check_settings(feature_dim: int, d_gate: int, num_heads: int, scale: float, top_k: int | None,
+                    cap: float | None = None) -> None:
+    """UserError (the ``gate.*`` settings are user input) for a width, head count, scale, top-k or cap that cannot
+    work."""
     if not _is_int(d_gate) or d_gate < 1 or d_gate > feature_dim or feature_dim % d_gate != 0:
         raise UserError(
             f"gate.d_gate: d_gate={d_gate!r} must divide feature_dim={feature_dim}; "
@@ -34,6 +36,19 @@ def _check_settings(feature_dim: int, d_gate: int, num_heads: int, scale: float,
         raise UserError(f"gate.scale: scale={scale!r} must be a finite number > 0")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise UserError(f"gate.top_k: top_k={top_k!r} must be None (all experts) or an integer >= 1")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap <= 1):
+        raise UserError(f"gate.cap: cap={cap!r} must be None (no cap) or a number in (0, 1]")
+
+
+def cap_weights(weights: Tensor, cap: float | None) -> Tensor:
+    """Expert weights ``(..., E)`` (the local expert at index 0) with every downloaded expert's weight capped:
+    ``w'_e = min(w_e, cap)`` for ``e >= 1`` and ``w'_0 = w_0 + sum_{e>=1} max(0, w_e - cap)``, so each row keeps
+    its sum and the capped mass goes to the client's own expert (``cap`` None: ``weights`` unchanged)."""
+    if cap is None:
+        return weights
+    others = weights[..., 1:].clamp(max=cap)
+    local = weights[..., :1] + (weights[..., 1:] - others).sum(dim=-1, keepdim=True)
+    return torch.cat([local, others], dim=-1)
 
 
 def downsample(z: Tensor, d_gate: int) -> Tensor:
@@ -56,7 +71,8 @@ class AttentionGate(nn.Module):
     Four ``Linear(d_gate, d_gate)`` projections (66,048 parameters at ``d_gate = 128``) with PyTorch's
     default init. Scores are ``scale * <Q_h, K_h>`` with a fixed ``scale`` (not ``1/sqrt(d_head)``);
     no dropout, residual, layer norm or output re-normalisation. ``top_k`` keeps the k best experts per
-    (image, class, head), weighted by their un-renormalised softmax probabilities (``k = 1``: hard routing).
+    (image, class, head), weighted by their un-renormalised softmax probabilities (``k = 1``: hard routing);
+    ``cap`` then bounds each downloaded expert's weight (:func:`cap_weights`).
     """
 
     def __init__(
@@ -66,14 +82,16 @@ class AttentionGate(nn.Module):
         num_heads: int = 8,
         scale: float = 10.0,
         top_k: int | None = None,
+        cap: float | None = None,
     ) -> None:
         super().__init__()
-        _check_settings(feature_dim, d_gate, num_heads, scale, top_k)
+        _check_settings(feature_dim, d_gate, num_heads, scale, top_k, cap)
         self.feature_dim = feature_dim
         self.d_gate = d_gate
         self.num_heads = num_heads
         self.scale = float(scale)
         self.top_k = top_k
+        self.cap = None if cap is None else float(cap)
         self.q_proj = nn.Linear(d_gate, d_gate)
         self.k_proj = nn.Linear(d_gate, d_gate)
         self.v_proj = nn.Linear(d_gate, d_gate)
@@ -82,7 +100,7 @@ class AttentionGate(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"feature_dim={self.feature_dim}, d_gate={self.d_gate}, num_heads={self.num_heads}, "
-            f"scale={self.scale}, top_k={self.top_k}"
+            f"scale={self.scale}, top_k={self.top_k}" + (f", cap={self.cap}" if self.cap is not None else "")
         )
 
     def reset_parameters(self) -> None:
@@ -103,7 +121,7 @@ class AttentionGate(nn.Module):
         query = downsample(image_features.unsqueeze(0), self.d_gate)
         experts = downsample(expert_text_features.unsqueeze(0), self.d_gate)
         q, k, _ = _heads(query, experts, self.stacked_weights(), self.num_heads)
-        return routing_weights(q, k, self.scale, self.top_k).permute(2, 0, 1, 3)
+        return routing_weights(q, k, self.scale, self.top_k, self.cap).permute(2, 0, 1, 3)
 
     def forward(self, image_features: Tensor, expert_text_features: Tensor) -> Tensor:
         """Mixed class embeddings ``T_moe`` of shape ``(C, B, d_gate)``.
@@ -135,7 +153,7 @@ class AttentionGate(nn.Module):
         self._check_inputs(image_features, expert_text_features, grouped=True)
         weights = self.stacked_weights() if weights is None else weights
         query, experts = downsample(image_features, self.d_gate), downsample(expert_text_features, self.d_gate)
-        return gate_attention(query, experts, weights, self.num_heads, self.scale, self.top_k)
+        return gate_attention(query, experts, weights, self.num_heads, self.scale, self.top_k, self.cap)
 
     def group_moe_logits(
         self,
@@ -181,6 +199,7 @@ def gate_attention(
     num_heads: int,
     scale: float,
     top_k: int | None = None,
+    cap: float | None = None,
 ) -> Tensor:
     """The gate's functional core for ``G`` gates: ``query`` (G, B, d_g), ``experts`` (G, E, C, d_g) (already
     down-sampled), ``weights`` the stacked projections (``"q_proj.weight"`` (G, d_g, d_g), ``"q_proj.bias"``
@@ -193,11 +212,11 @@ def gate_attention(
     batch = query.shape[1]
     d_head = d_gate // num_heads
     q, k, v = _heads(query, experts, weights, num_heads)
-    if top_k is None or top_k >= num_experts:
+    if (top_k is None or top_k >= num_experts) and cap is None:
         q = q.unsqueeze(0).expand(num_classes, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (C, G*H, B, d_h)
     else:
-        out = _attend_top_k(q, k, v, scale, top_k)
+        out = _attend_routed(q, k, v, scale, top_k, cap)
     out = out.view(num_classes, groups, num_heads, batch, d_head).permute(1, 0, 3, 2, 4)
     out = _linear(out.reshape(groups, num_classes * batch, d_gate), weights, "out_proj")
     return out.view(groups, num_classes, batch, d_gate)
@@ -223,18 +242,20 @@ def _heads(query: Tensor, experts: Tensor, weights: dict[str, Tensor], num_heads
     return q, keys("k_proj"), keys("v_proj")
 
 
-def routing_weights(q: Tensor, k: Tensor, scale: float, top_k: int | None = None) -> Tensor:
+def routing_weights(q: Tensor, k: Tensor, scale: float, top_k: int | None = None, cap: float | None = None) -> Tensor:
     """Each expert's weight ``(C, N, B, E)`` for queries ``q`` (N, B, d_h) and keys ``k`` (C, N, E, d_h), N = gates
     x heads: the softmax of ``scale <q, k>`` over the E experts; with ``top_k``, the kept experts keep their
     full-softmax probabilities and the others get 0 (Switch-style: the weights do not sum to one, and the gate
-    still receives a gradient through them; a renormalised top-1 weight would be constant 1)."""
+    still receives a gradient through them; a renormalised top-1 weight would be constant 1); then ``cap`` bounds
+    the downloaded experts' weights (:func:`cap_weights`)."""
     probs = torch.softmax(scale * torch.einsum("nbd,cned->cnbe", q, k), dim=-1, dtype=torch.float32)
-    if top_k is None or top_k >= k.shape[2]:
-        return probs
-    top = probs.topk(top_k, dim=-1).indices
-    return torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+    if top_k is not None and top_k < k.shape[2]:
+        top = probs.topk(top_k, dim=-1).indices
+        probs = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+    return cap_weights(probs, cap)
 
 
-def _attend_top_k(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int) -> Tensor:
-    """Top-k routing: ``q`` (N, B, d_h), ``k``/``v`` (C, N, E, d_h) -> (C, N, B, d_h) (see :func:`routing_weights`)."""
-    return torch.einsum("cnbe,cned->cnbd", routing_weights(q, k, scale, top_k).to(v.dtype), v)
+def _attend_routed(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int | None, cap: float | None) -> Tensor:
+    """Top-k routing and/or capped weights: ``q`` (N, B, d_h), ``k``/``v`` (C, N, E, d_h) -> (C, N, B, d_h) (see
+    :func:`routing_weights`)."""
+    return torch.einsum("cnbe,cned->cnbd", routing_weights(q, k, scale, top_k, cap).to(v.dtype), v)

@@ -94,3 +94,23 @@ def final_summary(evaluated: list[dict], last: int = 5) -> dict:
     out["last_round"] = out["acc_mean"]["last_round"]
     out[f"mean_last_{last}"] = out["acc_mean"][f"mean_last_{last}"]
     return out
+
+
+def poison_metrics(diagnostics: dict[str, list], clients: list[int], attacked: set[int]) -> dict[str, float | None]:
+    """The harm a Byzantine client's pool prompt does through pFedMoAP's gates, from a round's per-client
+    ``diagnostics`` (``expert_ids``: pool ids of the K downloaded experts; ``expert_attention``: the gate's mean
+    weight of the local expert then each downloaded one) over ``clients`` (the honest evaluated ones) that hold
+    experts: ``poison_selected``, the share of their expert slots holding an ``attacked`` client's prompt;
+    ``poison_reach``, the share of them with at least one; ``poison_attention``, the mean over them of the gate
+    weight on those slots (a client's weights sum to 1). None when no such client holds experts."""
+    ids, weights = diagnostics.get("expert_ids") or [], diagnostics.get("expert_attention") or []
+    held = [c for c in clients if c < len(ids) and ids[c] is not None and c < len(weights) and weights[c] is not None]
+    if not held:
+        return {"poison_selected": None, "poison_reach": None, "poison_attention": None}
+    poisoned = {c: [j for j, pid in enumerate(ids[c]) if round(pid) in attacked] for c in held}
+    slots = sum(len(ids[c]) for c in held)
+    return {
+        "poison_selected": sum(len(p) for p in poisoned.values()) / slots,
+        "poison_reach": sum(1 for p in poisoned.values() if p) / len(held),
+        "poison_attention": math.fsum(math.fsum(weights[c][1 + j] for j in poisoned[c]) for c in held) / len(held),
+    }

@@ -7,7 +7,8 @@ TrMean(f), ``krum`` Krum(f), ``multikrum`` MultiKrum(f), ``geometric_median`` Ge
 NNM(f) followed by Average (MoNNA's rule for a server that trusts no row; byzfl's ``MoNNA`` class centres on one
 trusted row, ``idx``). ``robust.pre``: ``nnm`` NNM(f), ``bucketing`` Bucketing(s) (its permutation seeded by (seed,
 round)), ``clipping`` Clipping(c). ``f`` is clamped to ``(n - 1) // 2`` of the vectors at hand (byzfl refuses
-``2 f >= n``).
+``2 f >= n``). pFedMoAP's expert pool has its own defences before the expert selection (:func:`defend_pool`): a
+distance filter around the pool's coordinate-wise median (``robust.pool_filter``) and ``robust.pool_pre``.
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ def alie_z(n: int, f: int) -> float:
 def attack_updates(updates: np.ndarray, ids: list[int], attacked: set[int], cfg: AttackConfig, seed: int,
                    round_index: int) -> np.ndarray:
     """``updates`` ``(n, d)`` (rows in the order of ``ids``) with the attacked clients' rows replaced: ``sign_flip``
-    ``-scale Δ_i``; ``gaussian`` ``N(0, sigma²)`` from the stream (seed, round, client); ``zero`` 0 (the client
-    sends the global prompt back); ``alie`` byzfl's ALittleIsEnough: the honest rows' mean plus ``z`` times their
-    std (coordinate-wise, ddof 1), the same row for every attacker. Returns a new array."""
+    ``-scale Δ_i``; ``scaled`` ``scale Δ_i``; ``gaussian`` ``N(0, sigma²)`` from the stream (seed, round, client);
+    ``zero`` 0 (the client sends the global prompt back); ``alie`` byzfl's ALittleIsEnough: the honest rows' mean
+    plus ``z`` times their std (coordinate-wise, ddof 1), the same row for every attacker; ``mislead``
+    :func:`mislead_rows`. Returns a new array."""
     out = updates.copy()
     rows = [i for i, c in enumerate(ids) if c in attacked]
     if not rows or cfg.kind not in UPLOAD_ATTACKS:
@@ -100,6 +102,8 @@ def attack_updates(updates: np.ndarray, ids: list[int], attacked: set[int], cfg:
     for i in rows:
         if cfg.kind == "sign_flip":
             out[i] = -cfg.scale * updates[i]
+        elif cfg.kind == "scaled":
+            out[i] = cfg.scale * updates[i]
         elif cfg.kind == "zero":
             out[i] = 0.0
         elif cfg.kind == "gaussian":
@@ -112,4 +116,43 @@ def attack_updates(updates: np.ndarray, ids: list[int], attacked: set[int], cfg:
         else:  # no spread to exploit: the honest mean (0 without honest clients)
             row = honest.mean(axis=0) if len(honest) else np.zeros(updates.shape[1])
         out[rows] = row
+    if cfg.kind == "mislead":
+        out[rows] = mislead_rows(updates[rows], honest, cfg.radius)
     return out
+
+
+def mislead_rows(attackers: np.ndarray, honest: np.ndarray, radius: float) -> np.ndarray:
+    """The ``mislead`` attack (float64): each attacker's update ``Δ_a`` (rows of ``attackers`` ``(a, d)``; its
+    prompt trained on flipped labels) moved to ``m + ρ (Δ_a - m) / ‖Δ_a - m‖₂``, with ``m`` the mean of the
+    ``honest`` rows ``(h, d)`` and ``ρ = radius · median_j ‖Δ_j - m‖₂`` over them: its direction from the honest
+    centroid is the flipped training's, its distance that of a typical honest update (``radius < 1``: nearer), so a
+    nearest-neighbour selection picks it. An attacker exactly at ``m``, or a round without honest rows, keeps ``m``
+    (no honest rows: its own update)."""
+    if len(honest) == 0:
+        return attackers.copy()
+    centre = honest.mean(axis=0)
+    rho = radius * float(np.median(np.linalg.norm(honest - centre, axis=1)))
+    away = attackers - centre
+    norms = np.linalg.norm(away, axis=1, keepdims=True)
+    return centre + np.divide(rho * away, norms, out=np.zeros_like(away), where=norms > 0)
+
+
+def pool_filter(vectors: np.ndarray, tau: float) -> np.ndarray:
+    """Which rows of ``vectors`` ``(P, d)`` (flattened pool prompts) the distance filter keeps, a boolean ``(P,)``:
+    ``‖v_i - med‖₂ <= tau · median_j ‖v_j - med‖₂`` with ``med`` the coordinate-wise median of the rows (numpy's:
+    for even P the mean of the two middle values)."""
+    distances = np.linalg.norm(vectors - np.median(vectors, axis=0), axis=1)
+    return distances <= tau * float(np.median(distances))
+
+
+def defend_pool(vectors: np.ndarray, centre: np.ndarray, cfg: RobustConfig) -> tuple[np.ndarray, np.ndarray]:
+    """pFedMoAP's pool defences on ``vectors`` ``(P, d)`` (float64 flattened pool prompts, one row per pool entry):
+    the rows :func:`pool_filter` keeps (``robust.pool_filter``; all when None), then ``robust.pool_pre`` on the kept
+    rows as updates from ``centre`` ``(d,)`` (the current global prompt): ``centre + pre(v - centre)``. Returns the
+    kept mask ``(P,)`` and the defended kept rows ``(P', d)``."""
+    keep = np.ones(len(vectors), dtype=bool) if cfg.pool_filter is None else pool_filter(vectors, cfg.pool_filter)
+    kept = vectors[keep]
+    if cfg.pool_pre != "none" and len(kept):
+        pre = RobustConfig(pre=cfg.pool_pre, f=cfg.f, pre_clip=cfg.pre_clip)
+        kept = centre + pre_aggregate(kept - centre, pre, 0, 0)
+    return keep, kept

@@ -74,3 +74,15 @@ def test_step_time_tables_one_client_step_at_the_old_and_the_new_checkout():
     # The temporary worktree is gone again.
     listed = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert "fedlit-old-" not in listed
+
+
+def test_expert_poisoning_prints_the_capped_poisoned_weight_per_attack_fraction():
+    args = ["fed.local_epochs=1", "--rounds", "2", "--attacks", "mislead", "--defences", "cap"]
+    done = subprocess.run([sys.executable, "benchmarks/expert_poisoning.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [row] = [line.split() for line in done.stdout.splitlines() if line.startswith("cap ")]
+    clean, attacked = row[1], row[2:-1]
+    assert 0 <= float(clean) <= 100 and len(attacked) == 3 * 3  # "acc / weight" for 10%, 20% and 40%
+    weights = [float(attacked[i + 2]) for i in range(0, 9, 3)]
+    assert all(0 < w <= 3 * 10 + 1e-6 for w in weights)  # K = 3 slots, each capped at 10%

@@ -34,6 +34,7 @@ BAD_INPUTS = [
     (["gate.d_gate=48"], "d_gate=48"),
     (["prompt.n_ctx=0"], "prompt.n_ctx must be >= 1"),
     (["notakey"], "not of the form key=value"),
+    (["algorithm=promptfl", "robust.pool_filter=2"], "robust.pool_filter=2.0 acts on pFedMoAP's expert pool"),
 ]
 
 

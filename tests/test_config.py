@@ -113,6 +113,8 @@ def test_boundary_values_are_accepted(tmp_path):
     ("robust.aggregator", "geometric_median", "average"),
     ("robust.pre", "bucketing", "nnm2"),
     ("attack.kind", "alie", "flip"),
+    ("attack.kind", "mislead", "poison"),
+    ("robust.pool_pre", "nnm", "bucketing"),
 ])
 def test_choices(tmp_path, key, good, bad):
     assert fast(tmp_path, f"{key}={good}") is not None
@@ -286,3 +288,36 @@ def test_fedmgp_refuses_deep_prompts_in_one_line(tmp_path):
     assert "fedmgp" in skipped_algorithms(fast(tmp_path, "algorithm=all", "prompt.depth=3"))
     assert refused(tmp_path, "algorithm=fedmgp", "backbone.name=RN50", "backbone.pretrained=random").startswith(
         "algorithm=fedmgp puts prompt tokens inside the image tower, which needs a ViT")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["attack.kind=sign_flip", "attack.target=expert"], "unknown attack.target 'expert'; choose one of both, update, "
+     "pool"),
+    (["gate.cap=0"], "gate.cap must be in (0.0, 1.0] (got 0.0)"),
+    (["gate.cap=1.5"], "gate.cap must be in (0.0, 1.0] (got 1.5)"),
+    (["robust.pool_filter=0"], "robust.pool_filter must be > 0.0 (got 0.0)"),
+    (["attack.radius=-1"], "attack.radius must be >= 0.0 (got -1.0)"),
+    (["robust.pool_pre=bucketing"], "unknown robust.pool_pre 'bucketing'; choose one of none, nnm, clipping"),
+    (["attack.kind=label_flip", "attack.target=pool"],
+     "attack.target=pool splits what an upload attack replaces; attack.kind=label_flip is not one (sign_flip, "
+     "gaussian, alie, zero, scaled, mislead)"),
+    (["algorithm=promptfl", "gate.cap=0.5", "robust.pool_pre=nnm"],
+     "robust.pool_pre=nnm, gate.cap=0.5 act on pFedMoAP's expert pool, which algorithm=promptfl does not have; use "
+     "algorithm=pfedmoap or pfedmoap_linear"),
+])
+def test_the_expert_poisoning_keys_refuse_bad_values_in_one_line(tmp_path, overrides, message):
+    assert refused(tmp_path, "algorithm=pfedmoap", *overrides) == message
+
+
+def test_the_expert_poisoning_keys_accept_their_boundaries_and_algorithm_all_keeps_only_the_pool_methods(tmp_path):
+    from fedlit.config import runnable_algorithms
+
+    cfg = fast(tmp_path, "algorithm=pfedmoap_linear", "gate.cap=1", "robust.pool_filter=1e-9", "attack.radius=0",
+               "attack.kind=scaled", "attack.target=update", "robust.pool_pre=clipping")
+    assert (cfg.gate.cap, cfg.robust.pool_filter, cfg.attack.target, cfg.robust.pool_pre) == (1.0, 1e-9, "update",
+                                                                                           "clipping")
+    pooled = load_config(None, ["algorithm=all", "gate.cap=0.2"])
+    assert runnable_algorithms(pooled) == ["pfedmoap", "pfedmoap_linear"]
+    defaults = Config()
+    assert (defaults.attack.target, defaults.robust.pool_filter, defaults.robust.pool_pre, defaults.gate.cap) == (
+        "both", None, "none", None)

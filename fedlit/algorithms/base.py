@@ -185,15 +185,18 @@ def unflatten(vector: np.ndarray, like: Params) -> Params:
     return out
 
 
-def received_states(cfg: Config, current: Params, states: dict[int, Params], round_index: int) -> dict[int, Params]:
-    """The states the server receives (client id -> params named as ``current``): with local DP each update
-    ``Δ_i = state_i - current`` clipped to ``privacy.clip`` plus ``N(0, (z clip)²)`` from the stream (seed, round,
-    client); then the Byzantine clients' updates replaced by their attack (:func:`fedlit.robust.attack_updates`).
-    Clients nothing happens to keep their tensors as uploaded."""
+def received_states(cfg: Config, current: Params, states: dict[int, Params], round_index: int,
+                    channel: str = "update") -> dict[int, Params]:
+    """The states the server receives (client id -> params named as ``current``) on ``channel`` (``update``: what is
+    aggregated; ``pool``: what pFedMoAP's pool stores): with local DP each update ``Δ_i = state_i - current``
+    clipped to ``privacy.clip`` plus ``N(0, (z clip)²)`` from the stream (seed, round, client); then, when
+    ``attack.target`` is ``both`` or ``channel``, the Byzantine clients' updates replaced by their attack
+    (:func:`fedlit.robust.attack_updates`). Clients nothing happens to keep their tensors as uploaded."""
     ids = sorted(states)
     local = privacy.enabled(cfg) and cfg.privacy.local
+    aimed = cfg.attack.kind in robust.UPLOAD_ATTACKS and cfg.attack.target in ("both", channel)
     attacked = set(attacked_clients(cfg.seed, cfg.data.num_clients, cfg.attack.fraction)) & set(ids) \
-        if cfg.attack.kind in robust.UPLOAD_ATTACKS else set()
+        if aimed else set()
     if not ids or not (local or attacked):
         return dict(states)
     base = flatten(current)
@@ -253,12 +256,13 @@ def averaged_global(server: ServerState, uploads: dict[int, Upload], sizes: dict
 
 
 def received_global(server: ServerState, uploads: dict[int, Upload], keys: dict[str, str],
-                    cfg: Config) -> dict[int, Params]:
-    """What the server receives of the upload parameters named in ``keys`` that the global state holds (client id
-    -> params under their global names), as :func:`averaged_global` combines them (:func:`received_states`)."""
+                    cfg: Config, channel: str = "update") -> dict[int, Params]:
+    """What the server receives on ``channel`` of the upload parameters named in ``keys`` that the global state
+    holds (client id -> params under their global names); on ``update``, as :func:`averaged_global` combines them
+    (:func:`received_states`)."""
     current = {g: server.global_state[g] for g in keys.values() if g in server.global_state}
     states = {c: {g: uploads[c].state.params[u] for u, g in keys.items() if g in current} for c in uploads}
-    return received_states(cfg, current, states, server.round + 1)
+    return received_states(cfg, current, states, server.round + 1, channel)
 
 
 class GlobalModelAlgorithm(Algorithm):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedlit.algorithms import Algorithm
-from fedlit.config import Config, heldout_size
+from fedlit.config import FLIPPING_ATTACKS, Config, heldout_size
 from fedlit.data.partition import base_classes
 from fedlit.errors import Diverged
 from fedlit.federation.checkpoint import CHECKPOINT_NAME, Identity, RunState, checkpoint_round, restore, with_backend
@@ -41,7 +41,14 @@ from fedlit.federation.store import DiskStore, MemoryStore, RecordTable, choose_
 from fedlit.federation.synchronous import steps_bound, train_synchronous
 from fedlit.federation.trainer import LocalTrainer, default_client_batch
 from fedlit.federation.transfer import TransferTarget, transfer_models
-from fedlit.metrics import base_novel_metrics, domain_metrics, heldout_metrics, round_metrics, transfer_metrics
+from fedlit.metrics import (
+    base_novel_metrics,
+    domain_metrics,
+    heldout_metrics,
+    poison_metrics,
+    round_metrics,
+    transfer_metrics,
+)
 from fedlit.modules import ClientModule
 from fedlit.reporting import build_results, memory_per_client, write_results
 from fedlit.state import ClientState, ServerState, StoreEntry, Upload
@@ -94,10 +101,11 @@ class Orchestrator:
         self.split = (base, list(range(len(base), num_classes))) if cfg.eval.protocol == "base2novel" else None
         if self.split is not None:
             self.trainer.trained_classes = base
-        # Byzantine clients (chosen once from the seed): left out of every metric; label_flip ones train on y -> C-1-y
+        # Byzantine clients (chosen once from the seed): left out of every metric; label_flip and mislead ones train on
+        # y -> C-1-y
         self.attacked = attacked_clients(cfg.seed, self.num_clients, cfg.attack.fraction) \
             if cfg.attack.kind != "none" and algorithm.trains else []
-        if cfg.attack.kind == "label_flip":
+        if cfg.attack.kind in FLIPPING_ATTACKS:
             self.trainer.flipped_clients = frozenset(self.attacked)
         if cfg.attack.kind != "none":
             self.meta["attacked_clients"] = list(self.attacked)
@@ -336,6 +344,8 @@ class Orchestrator:
             row.update(heldout_metrics(row["acc_mean"], [accuracies[c] for c in honest if c in heldout]))
         if result.transfer is not None:
             row.update(transfer_metrics(result.transfer))
+        if result.diagnostics is not None and "expert_attention" in result.diagnostics and attacked:
+            row.update(poison_metrics(result.diagnostics, honest, attacked))
         if result.novel is not None:
             row.update(base_novel_metrics(accuracies, result.novel, global_acc, result.global_novel))
         domain_names = self.data.bundle.domain_names if self.data.bundle is not None else None

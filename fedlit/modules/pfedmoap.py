@@ -36,11 +36,12 @@ class PFedMoAPClient(CoOpClient):
         super().__init__(backbone, classnames, **kwargs)
         gate = as_config(GateConfig, gate)
         self.gate = AttentionGate(self.backbone.feature_dim, d_gate=gate.d_gate, num_heads=gate.num_heads,
-                                  scale=gate.scale, top_k=gate.top_k)
+                                  scale=gate.scale, top_k=gate.top_k, cap=gate.cap)
         self.lam = lam
         self.register_buffer("expert_ctx", torch.empty(0))  # (K, *ctx_shape) loaded experts, saved with the module
         self.register_buffer("expert_features", torch.empty(0), persistent=False)  # (K, C, D), frozen
         self._feature_cache: dict[int, tuple[int, Tensor]] = {}  # pool id -> (upload round, features (C, D))
+        self.expert_ids: list[int] | None = None  # pool ids of the loaded experts (None: not known or none loaded)
         self.register_load_state_dict_pre_hook(_resize_expert_ctx)
         self.register_load_state_dict_post_hook(_encode_loaded_experts)
 
@@ -64,10 +65,12 @@ class PFedMoAPClient(CoOpClient):
         if expert_ctx is None or expert_ctx.shape[0] == 0:
             self.expert_ctx = torch.empty(0)
             self.expert_features = torch.empty(0)
+            self.expert_ids = None
             return
         keys = keys if keys is not None else [None] * expert_ctx.shape[0]
         if len(keys) != expert_ctx.shape[0]:
             raise ValueError(f"{len(keys)} expert keys for {expert_ctx.shape[0]} expert prompts")
+        self.expert_ids = None if any(k is None for k in keys) else [int(k[0]) for k in keys]
         self.expert_ctx = expert_ctx.detach().clone().to(self.prompt_learner.ctx)
         self.expert_features = torch.stack([self._expert_features(self.expert_ctx[j : j + 1], key)
                                             for j, key in enumerate(keys)])
@@ -96,10 +99,16 @@ class PFedMoAPClient(CoOpClient):
         return self.gate.expert_weights(image_features, experts)
 
     def diagnostics(self, image_features: Tensor) -> dict[str, Tensor]:
-        """``expert_attention``: each expert's weight per image ``(B, E)``, averaged over classes and heads (none
-        without experts)."""
+        """``expert_attention``: each expert's weight per image ``(B, E)``, averaged over classes and heads, and
+        ``expert_ids``: the loaded experts' pool ids ``(B, K)`` (the same row for every image; when the plan named
+        them), so that a run's results say whose prompts each client mixes (none without experts)."""
         weights = self.expert_attention(image_features)
-        return {} if weights is None else {"expert_attention": weights.float().mean(dim=(1, 2))}
+        if weights is None:
+            return {}
+        out = {"expert_attention": weights.float().mean(dim=(1, 2))}
+        if self.expert_ids is not None:
+            out["expert_ids"] = torch.tensor(self.expert_ids, dtype=torch.float32).expand(len(image_features), -1)
+        return out
 
     def set_extras(self, extras: dict[str, Any]) -> None:
         """``experts`` ``(K, *ctx_shape)`` with their ``expert_keys``; without them the client has no experts."""

@@ -14,22 +14,23 @@ from torch import Tensor, nn
 
 from fedlit.backbone import Backbone
 from fedlit.config import GateConfig
-from fedlit.gating import downsample
+from fedlit.gating import cap_weights, downsample
 from fedlit.modules.base import as_config
 from fedlit.modules.pfedmoap import PFedMoAPClient
 
 
 def linear_gate_weights(query: Tensor, weight: Tensor, bias: Tensor, num_experts: int,
-                        top_k: int | None = None) -> Tensor:
+                        top_k: int | None = None, cap: float | None = None) -> Tensor:
     """Mixture weights ``(G, B, E)`` of G gates: ``softmax(query W^T + b)`` over the first ``E = num_experts``
     outputs, from ``query`` (G, B, d_g), ``weight`` (G, E_max, d_g), ``bias`` (G, E_max). With ``top_k`` only the k
-    largest weights per image are kept, un-renormalised (Switch-style, as the attention gate's ``top_k``)."""
+    largest weights per image are kept, un-renormalised (Switch-style, as the attention gate's ``top_k``); then
+    ``cap`` bounds the downloaded experts' weights (:func:`~fedlit.gating.cap_weights`)."""
     scores = torch.baddbmm(bias[:, :num_experts].unsqueeze(1), query, weight[:, :num_experts].transpose(1, 2))
     probs = torch.softmax(scores, dim=-1)
-    if top_k is None or top_k >= num_experts:
-        return probs
-    top = probs.topk(top_k, dim=-1).indices
-    return torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+    if top_k is not None and top_k < num_experts:
+        top = probs.topk(top_k, dim=-1).indices
+        probs = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+    return cap_weights(probs, cap)
 
 
 class LinearGate(nn.Module):
@@ -37,7 +38,8 @@ class LinearGate(nn.Module):
     ``T_moe[b, c] = sum_e w[b, e] P(T_e[c])`` and the MoE logits ``s <P(I_b), T_moe[b, c]>`` (a scaled dot product,
     as in the attention gate). ``(d_gate + 1) * num_experts`` parameters (1,290 at d_gate = 128, 10 experts)."""
 
-    def __init__(self, feature_dim: int, num_experts: int, d_gate: int = 128, top_k: int | None = None) -> None:
+    def __init__(self, feature_dim: int, num_experts: int, d_gate: int = 128, top_k: int | None = None,
+                 cap: float | None = None) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts={num_experts} must be >= 1")
@@ -46,6 +48,7 @@ class LinearGate(nn.Module):
         self.d_gate = d_gate
         self.num_experts = num_experts
         self.top_k = top_k
+        self.cap = None if cap is None else float(cap)
         self.proj = nn.Linear(d_gate, num_experts)
 
     def extra_repr(self) -> str:
@@ -64,7 +67,7 @@ class LinearGate(nn.Module):
         weights = self.stacked_weights() if weights is None else weights
         query = downsample(image_features, self.d_gate)
         return linear_gate_weights(query, weights["proj.weight"].to(query), weights["proj.bias"].to(query),
-                                   num_experts, self.top_k)
+                                   num_experts, self.top_k, self.cap)
 
     def expert_weights(self, image_features: Tensor, expert_text_features: Tensor) -> Tensor:
         """Each expert's weight ``(B, C, 1, E)`` for images ``(B, D)`` and experts ``(E, C, D)``: one mixture per
@@ -98,4 +101,5 @@ class PFedMoAPLinearClient(PFedMoAPClient):
                  lam: float = 0.5, num_experts: int = 10, **kwargs):
         super().__init__(backbone, classnames, gate=gate, lam=lam, **kwargs)
         gate = as_config(GateConfig, gate)
-        self.gate = LinearGate(self.backbone.feature_dim, num_experts, d_gate=gate.d_gate, top_k=gate.top_k)
+        self.gate = LinearGate(self.backbone.feature_dim, num_experts, d_gate=gate.d_gate, top_k=gate.top_k,
+                               cap=gate.cap)
