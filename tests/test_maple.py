@@ -6,27 +6,14 @@ from __future__ import annotations
 
 import copy
 
-import open_clip
 import pytest
 import torch
 from torch import nn
 
-from fedlit.backbone import Backbone, _preprocess_of
 from fedlit.clip_vision import visual_tokens, visual_tower
 from fedlit.modules.maple import couple, linear_init
 from fedlit.prompts import PromptLearner
-from tests.conftest import CLASSNAMES, _seeded
-
-
-def _mixed_backbone() -> Backbone:
-    """A random CLIP with text width 32 and vision width 64, three blocks per tower (so MaPLe's ``proj`` is a real
-    ``Linear(32, 64)`` and depth 3 has two deep prompts)."""
-    def build() -> Backbone:
-        model = open_clip.CLIP(embed_dim=48, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=3,
-                                                             head_width=32),
-                               text_cfg=dict(width=32, heads=2, layers=3))
-        return Backbone(model, open_clip.get_tokenizer("ViT-B-32"), "mixed", "mixed:random:0", _preprocess_of(model))
-    return _seeded(build, 0)
+from tests.conftest import CLASSNAMES, build_mixed_vit
 
 
 # -- the public code's MaPLe, written out on open_clip's batch-first blocks -------------------------------------
@@ -137,7 +124,7 @@ def _case(backbone, depth, dtype, seed=0):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
 @torch.no_grad()
 def test_forward_equals_the_public_code(tiny_backbone, which, depth, dtype, tol):
-    backbone = copy.deepcopy(tiny_backbone if which == "tiny" else _mixed_backbone()).to(dtype)
+    backbone = copy.deepcopy(tiny_backbone if which == "tiny" else build_mixed_vit()).to(dtype)
     learner, images = _case(backbone, depth, dtype)
     expected = public_forward(backbone, learner, images)
     got = fedlit_forward(backbone, learner, images)
