@@ -10,10 +10,24 @@ import pytest
 import torch
 from torch import nn
 
-from fedlit.clip_vision import visual_tokens, visual_tower
-from fedlit.modules.maple import couple, linear_init
+from fedlit.errors import UserError
+from fedlit.federation.checkpoint import load_checkpoint
+from fedlit.federation.experiment import build_job, run_experiment
+from fedlit.modules.ivlp import DEEP_TEXT
+from fedlit.modules.maple import (
+    DEEP_PROJ_BIAS,
+    DEEP_PROJ_WEIGHT,
+    PROJ_BIAS,
+    PROJ_WEIGHT,
+    MaPLeClient,
+    couple,
+    linear_init,
+)
 from fedlit.prompts import PromptLearner
+from fedlit.state import PROMPT
 from tests.conftest import CLASSNAMES, build_mixed_vit
+from tests.helpers import FAST, cache_dir, fast_config, only_run_dir, read_results, train_cli
+from tests.method_checks import assert_run_averages_the_global_model
 
 
 # -- the public code's MaPLe, written out on open_clip's batch-first blocks -------------------------------------
@@ -92,23 +106,23 @@ def public_forward(backbone, learner, image):
     return image_features, text_features, backbone.model.logit_scale.exp() * image_features @ text_features.t()
 
 
-# -- fedlit's pieces on the same tensors --------------------------------------------------------------------------
+# -- fedlit's module on the same tensors ---------------------------------------------------------------------------
 def fedlit_forward(backbone, learner, image):
-    """fedlit's MaPLe forward with the public learner's tensors: PromptLearner's text features with deep prompts,
-    :func:`couple`, the split vision tower."""
-    ours = PromptLearner(backbone, CLASSNAMES, n_ctx=learner.ctx.shape[0]).to(learner.ctx.dtype)
-    deep_text = torch.stack(list(learner.compound_prompts_text)) if len(learner.compound_prompts_text) else \
-        learner.ctx.new_zeros(0, *learner.ctx.shape)
-    projections = learner.compound_prompt_projections
-    deep_w = torch.stack([p.weight for p in projections]) if len(projections) else \
-        learner.proj.weight.new_zeros(0, *learner.proj.weight.shape)
-    deep_b = torch.stack([p.bias for p in projections]) if len(projections) else \
-        learner.proj.bias.new_zeros(0, *learner.proj.bias.shape)
-    shallow, deep = couple(learner.ctx, deep_text, learner.proj.weight, learner.proj.bias, deep_w, deep_b)
-    text = ours.text_features(backbone, learner.ctx, deep=list(deep_text.unbind(0)))
-    image_features = nn.functional.normalize(visual_tower(backbone.model, visual_tokens(backbone.model, image), 0,
-                                                          shallow, deep), dim=-1)
-    return image_features, text, backbone.logit_scale * image_features @ text.t()
+    """MaPLeClient with the public learner's tensors: its normalised image and text features and logits."""
+    depth = len(learner.compound_prompts_text) + 1
+    module = MaPLeClient(backbone, CLASSNAMES, prompt={"n_ctx": learner.ctx.shape[0], "depth": depth}, seed=0)
+    module = module.to(learner.ctx.dtype)
+    state = {PROMPT: learner.ctx, PROJ_WEIGHT: learner.proj.weight, PROJ_BIAS: learner.proj.bias}
+    if depth > 1:
+        projections = learner.compound_prompt_projections
+        state.update({DEEP_TEXT: torch.stack(list(learner.compound_prompts_text)),
+                      DEEP_PROJ_WEIGHT: torch.stack([p.weight for p in projections]),
+                      DEEP_PROJ_BIAS: torch.stack([p.bias for p in projections])})
+    assert set(state) == set(module.trainable_parameters())
+    module.load_client_state(state)
+    logits = module(image)
+    assert torch.equal(module(module.frozen_image_inputs(image)), logits)  # from the tokens the cache holds
+    return module.image_features(image), module.class_text_features(), logits
 
 
 def _case(backbone, depth, dtype, seed=0):
@@ -185,3 +199,110 @@ def test_deep_text_prompts_through_the_prompt_learner_match_a_group(tiny_backbon
     with pytest.raises(ValueError, match="unified context with the class at the end"):
         PromptLearner(tiny_backbone, CLASSNAMES, n_ctx=2, class_position="front").text_features(
             tiny_backbone, deep=[deep[0]])
+
+
+# -- the module: init, groups of clients ------------------------------------------------------------------------
+def test_initial_state_follows_the_public_init(tiny_backbone):
+    module = MaPLeClient(tiny_backbone, CLASSNAMES, prompt={"n_ctx": 2, "depth": 2}, seed=0)
+    params = module.trainable_parameters()
+    assert {k: tuple(v.shape) for k, v in params.items()} == {
+        PROMPT: (2, 64), DEEP_TEXT: (1, 2, 64), PROJ_WEIGHT: (64, 64), PROJ_BIAS: (64,),
+        DEEP_PROJ_WEIGHT: (1, 64, 64), DEEP_PROJ_BIAS: (1, 64)}
+    assert not torch.equal(params[PROMPT], params[DEEP_TEXT][0])  # independent draws
+    g = torch.Generator().manual_seed(0 + 32_452)
+    first, deeper = linear_init(64, 64, g), linear_init(64, 64, g, copies=1)
+    assert torch.equal(params[PROJ_WEIGHT], first[0]) and torch.equal(params[PROJ_BIAS], first[1])
+    assert torch.equal(params[DEEP_PROJ_WEIGHT], deeper[0]) and torch.equal(params[DEEP_PROJ_BIAS], deeper[1])
+    again = MaPLeClient(tiny_backbone, CLASSNAMES, prompt={"n_ctx": 2, "depth": 2}, seed=0).trainable_parameters()
+    assert all(torch.equal(v, again[k]) for k, v in params.items())
+    shallow = MaPLeClient(tiny_backbone, CLASSNAMES, prompt={"n_ctx": 2, "depth": 1}, seed=0)
+    assert set(shallow.trainable_parameters()) == {PROMPT, PROJ_WEIGHT, PROJ_BIAS}
+    # depth None: every layer both towers have (2 here); the mixed CLIP from block 1: 2 coupled layers of 3 text
+    assert MaPLeClient(tiny_backbone, CLASSNAMES, prompt={"n_ctx": 2}).text_depth == 2
+    mixed = MaPLeClient(build_mixed_vit(), CLASSNAMES, prompt={"n_ctx": 2, "vision_start_layer": 1})
+    assert mixed.text_depth == 2 and mixed.trainable_parameters()[DEEP_PROJ_WEIGHT].shape == (1, 64, 32)
+
+
+def test_depth_beyond_the_towers_is_one_line(tiny_backbone):
+    with pytest.raises(UserError, match="do not fit the 2 image-tower layers of backbone tiny"):
+        MaPLeClient(tiny_backbone, CLASSNAMES, prompt={"depth": 3})
+    with pytest.raises(UserError, match="unified context with the class name at the end"):
+        MaPLeClient(tiny_backbone, CLASSNAMES, prompt={"class_specific": True})
+
+
+@pytest.mark.parametrize("algorithm", ["maple", "ivlp"])
+def test_group_logits_are_each_clients_own_logits(tmp_path, algorithm):
+    """G = 2 clients' own parameters (the initial ones plus different noise) on their own tokens, in one pass of
+    each tower, against each client alone: within 1e-6."""
+    module = build_job(fast_config(tmp_path, f"algorithm={algorithm}")).build()[1]
+    g = torch.Generator().manual_seed(3)
+    initial = module.client_state()
+    params = {k: torch.stack([v + 0.05 * torch.randn(v.shape, generator=g) for _ in range(2)])
+              for k, v in initial.items()}
+    images = torch.randn(2, 5, 3, 32, 32, generator=g)
+    tokens = module.frozen_image_inputs(images.flatten(0, 1)).unflatten(0, (2, 5))
+    with torch.no_grad():
+        grouped = module.group_logits(params, tokens, {})
+        for client in range(2):
+            module.load_client_state({k: v[client] for k, v in params.items()})
+            torch.testing.assert_close(grouped[client], module(tokens[client]), rtol=0, atol=1e-6)
+            torch.testing.assert_close(grouped[client], module(images[client]), rtol=0, atol=1e-6)
+
+
+# -- runs ------------------------------------------------------------------------------------------------------------
+RUN = ["fed.rounds=2", "optim.prompt_lr=0.05"]
+
+
+@pytest.mark.parametrize("algorithm", ["maple", "ivlp"])
+def test_run_averages_every_tensor_into_the_global_model(tmp_path, algorithm):
+    res = assert_run_averages_the_global_model(tmp_path, algorithm, "optim.prompt_lr=0.05")
+    assert res["rounds"][-1]["loss"] < res["rounds"][0]["loss"]
+
+
+@pytest.mark.parametrize("algorithm", ["maple", "ivlp"])
+def test_cached_tokens_give_the_uncached_run_bitwise(tmp_path, algorithm):
+    runs, states = {}, {}
+    for cached in ("true", "false"):
+        [runs[cached]] = run_experiment(fast_config(tmp_path / cached, f"algorithm={algorithm}", *RUN,
+                                                    f"perf.cache_features={cached}"))
+        states[cached] = load_checkpoint(only_run_dir(tmp_path / cached) / "checkpoint.pt")["server"]["global_state"]
+    assert [(r["accuracy"], r["loss"]) for r in runs["true"]["rounds"]] == \
+        [(r["accuracy"], r["loss"]) for r in runs["false"]["rounds"]]
+    assert set(states["true"]) == set(states["false"]) and len(states["true"]) >= 2
+    assert all(torch.equal(v, states["false"][k]) for k, v in states["true"].items())
+
+
+@pytest.mark.parametrize("algorithm", ["maple", "ivlp"])
+def test_grouped_clients_agree_with_one_at_a_time(tmp_path, algorithm):
+    one = run_experiment(fast_config(tmp_path / "one", f"algorithm={algorithm}", *RUN, "perf.client_batch=1"))[0]
+    two = run_experiment(fast_config(tmp_path / "two", f"algorithm={algorithm}", *RUN, "perf.client_batch=2"))[0]
+    for r1, r2 in zip(one["rounds"], two["rounds"]):
+        assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-6)
+        assert r1["accuracy"] == pytest.approx(r2["accuracy"], abs=1e-6)
+    a, b = (load_checkpoint(only_run_dir(tmp_path / d) / "checkpoint.pt")["server"]["global_state"]
+            for d in ("one", "two"))
+    assert all(torch.allclose(v, b[k], rtol=0, atol=1e-6) for k, v in a.items())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm=maple", "prompt.class_specific=true"],
+     "algorithm=maple replaces the context after the start token by deep text prompts"),
+    (["algorithm=ivlp", "prompt.class_position=front"],
+     "algorithm=ivlp replaces the context after the start token by deep text prompts"),
+    (["algorithm=maple", "backbone.name=RN50", "backbone.pretrained=random"],
+     "algorithm=maple puts prompt tokens inside the image tower, which needs a ViT"),
+    (["algorithm=ivlp", "prompt.depth=3"], "prompt.depth=3 layers from prompt.vision_start_layer=0 exceed the 2"),
+])
+def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, overrides, message):
+    done = train_cli("backbone.name=tiny", f"run.out_dir={tmp_path}", *overrides)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "default").exists()
+
+
+def test_fedlit_train_runs_maple_end_to_end(tmp_path):
+    done = train_cli(*FAST, f"backbone.cache_dir={cache_dir()}", "algorithm=maple", "fed.rounds=2",
+                     f"run.out_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_results(only_run_dir(tmp_path))
+    assert len(results["rounds"]) == 2 and results["final"]["acc_mean"] is not None
