@@ -1,6 +1,8 @@
 """IVLP: independent deep text and vision prompts, the whole forward against a re-implementation of the public code
 (muzairkhattak/multimodal-prompt-learning, trainers/independentVL.py and clip/model.py's
-ResidualAttentionBlock_IVLP / VisionTransformer), on the tiny ViT CLIP and on a CLIP whose widths differ."""
+ResidualAttentionBlock_IVLP / VisionTransformer), on the tiny ViT CLIP and on a CLIP whose widths differ. The run-level
+checks (FedAvg into the global model, cached vs uncached bitwise, groups, refusals) are in tests/test_maple.py,
+parametrised over ivlp and maple."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedlit.clip_vision import visual_tokens, visual_tower
-from fedlit.prompts import PromptLearner
+from fedlit.modules.ivlp import DEEP_TEXT, IVLPClient
+from fedlit.modules.vpt import VISION_PROMPT
+from fedlit.state import PROMPT
 from tests.conftest import CLASSNAMES, build_mixed_vit
 
 
@@ -82,9 +85,34 @@ def test_forward_equals_the_public_code(tiny_backbone, which, depth_text, depth_
     text_ref = nn.functional.normalize(public_text(model, ivlp), dim=-1)
     image_ref = nn.functional.normalize(public_image(model, ivlp, images), dim=-1)
 
-    learner = PromptLearner(backbone, CLASSNAMES, n_ctx=2).to(dtype)
-    text = learner.text_features(backbone, ivlp.ctx, deep=list(ivlp.text_vpt))
-    image = nn.functional.normalize(visual_tower(model, visual_tokens(model, images), 0, ivlp.vpt,
-                                                 list(ivlp.vision_vpt)), dim=-1)
-    torch.testing.assert_close(text, text_ref, rtol=0, atol=tol)
-    torch.testing.assert_close(image, image_ref, rtol=0, atol=tol)
+    state = {PROMPT: ivlp.ctx, VISION_PROMPT: torch.stack([ivlp.vpt, *ivlp.vision_vpt])}
+    if depth_text > 1:
+        state[DEEP_TEXT] = torch.stack(list(ivlp.text_vpt))
+    module = IVLPClient(backbone, CLASSNAMES, prompt={"n_ctx": 2, "vision_n_ctx": 3, "depth": depth_text}, seed=0)
+    module = module.to(dtype)
+    if depth_text != depth_vision:  # one prompt.depth for both towers in fedlit: the vision rows set by hand
+        module.vision_prompt = nn.Parameter(state[VISION_PROMPT].clone())
+    module.load_client_state(state)
+    torch.testing.assert_close(module.class_text_features(), text_ref, rtol=0, atol=tol)
+    torch.testing.assert_close(module.image_features(images), image_ref, rtol=0, atol=tol)
+    logits = module(module.frozen_image_inputs(images))
+    expected = model.logit_scale.exp() * image_ref @ text_ref.t()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=tol * float(module.backbone.logit_scale))
+
+
+def test_initial_state_and_depths(tiny_backbone):
+    module = IVLPClient(tiny_backbone, CLASSNAMES, prompt={"n_ctx": 4, "vision_n_ctx": 2}, seed=0)
+    params = module.trainable_parameters()
+    assert {k: tuple(v.shape) for k, v in params.items()} == {PROMPT: (4, 64), DEEP_TEXT: (1, 4, 64),
+                                                              VISION_PROMPT: (2, 2, 64)}
+    rows = [params[PROMPT][0], params[DEEP_TEXT][0, 0], params[VISION_PROMPT][0, 0]]
+    assert all(not torch.equal(rows[i], rows[j]) for i in range(3) for j in range(i + 1, 3))  # independent draws
+    assert all(abs(float(v.detach().std()) - 0.02) < 0.006 for v in params.values())  # N(0, 0.02²)
+    again = IVLPClient(tiny_backbone, CLASSNAMES, prompt={"n_ctx": 4, "vision_n_ctx": 2}, seed=0)
+    assert all(torch.equal(v, again.trainable_parameters()[k]) for k, v in params.items())
+    shallow = IVLPClient(tiny_backbone, CLASSNAMES, prompt={"n_ctx": 4, "depth": 1}, seed=0)
+    assert {k: tuple(v.shape) for k, v in shallow.trainable_parameters().items()} == {PROMPT: (4, 64),
+                                                                                    VISION_PROMPT: (1, 2, 64)}
+    # depth None: every block of each tower; from image block 1 of the mixed CLIP, 2 vision and 3 text layers
+    mixed = IVLPClient(build_mixed_vit(), CLASSNAMES, prompt={"n_ctx": 2, "vision_start_layer": 1}, seed=0)
+    assert mixed.text_depth == 3 and mixed.vision_prompt.shape == (2, 2, 64)
