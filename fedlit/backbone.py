@@ -37,7 +37,7 @@ from fedlit.config import RANDOM_WEIGHTS, weights_needed
 from fedlit.data.base import Preprocess
 from fedlit.errors import UserError
 from fedlit.io import default_cache_dir
-from fedlit.pretrain import DEFAULT_RECIPE, load_shapes_clip
+from fedlit.pretrain import RECIPES, load_clip
 
 # A CLIP of ~1.6 M parameters that builds in milliseconds; standard vocab and context so the real tokenizer works.
 TINY_CLIP_CFG = dict(
@@ -45,10 +45,11 @@ TINY_CLIP_CFG = dict(
     vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
     text_cfg=dict(width=64, heads=2, layers=2),
 )
-LOCAL_NAMES = ("tiny", "shapes-clip")
+LOCAL_NAMES = ("tiny", *RECIPES)  # tiny, shapes-clip, fashion-clip
 RANDOM_INIT_SEED = 0  # randomly initialised backbones (tests, benchmarks) are identical everywhere
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-LOCAL_WEIGHTS = {"tiny": "its weights are random, seed 0", "shapes-clip": "fedlit builds its weights from a recipe"}
+LOCAL_WEIGHTS = {"tiny": "its weights are random, seed 0",
+                 **{name: "fedlit builds its weights from a recipe" for name in RECIPES}}
 NETWORK_TIMEOUT_S = 2.0  # the probe of the download host before fetching open_clip weights
 
 
@@ -233,17 +234,18 @@ def load_backbone(
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    data_root: str | Path | None = None,
 ) -> Backbone:
     """Build the frozen :class:`Backbone`.
 
     ``name``: an open_clip model name (e.g. ``RN50-quickgelu``, ``ViT-B-16-quickgelu``, ``ViT-B-32``), ``tiny``
-    (random, for tests) or ``shapes-clip`` (fedlit's offline recipe, built and cached under ``cache_dir`` on first
-    use; None: :func:`fedlit.io.default_cache_dir`). ``pretrained`` (open_clip names only, where it is required): an
+    (random, for tests), ``shapes-clip`` or ``fashion-clip`` (fedlit's offline recipes, :mod:`fedlit.pretrain`, built
+    and cached under ``cache_dir`` on first use; None: :func:`fedlit.io.default_cache_dir`; ``fashion-clip`` reads
+    Fashion-MNIST as ``data.root=data_root`` would). ``pretrained`` (open_clip names only, where it is required): an
     open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``), a local weights file, or ``"random"`` for random
     weights (seeded, the same in every process). Every bad input (unknown name or tag, no ``pretrained`` for an
     open_clip name, missing, corrupt or mismatched weights file, tag weights neither cached nor downloadable) raises
-    a one-line :class:`UserError`. ``progress``: report the one-time build of ``shapes-clip`` (a bar on a
-    terminal).
+    a one-line :class:`UserError`. ``progress``: report the one-time build of a recipe (a bar on a terminal).
     """
     if name in LOCAL_NAMES and pretrained:
         raise UserError(f"backbone.pretrained={pretrained} cannot be used with the built-in backbone '{name}' "
@@ -253,9 +255,9 @@ def load_backbone(
         with torch.random.fork_rng(devices=[]):  # random weights, but the same ones in every process and run
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.CLIP(**TINY_CLIP_CFG)
-    elif name == "shapes-clip":
-        model = load_shapes_clip(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
-                                 progress=progress)
+    elif name in RECIPES:
+        model = load_clip(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
+                          RECIPES[name], progress=progress, data_root=data_root)
     else:
         known = open_clip.list_models()
         if name not in known:
@@ -276,8 +278,8 @@ def prompt_tower_layers(name: str) -> int | None:
     ModifiedResNet, a timm tower, attention pooling) or the name is unknown."""
     if name == "tiny":
         vision = TINY_CLIP_CFG["vision_cfg"]
-    elif name == "shapes-clip":
-        vision = DEFAULT_RECIPE.model_cfg()["vision_cfg"]
+    elif name in RECIPES:
+        vision = RECIPES[name].model_cfg()["vision_cfg"]
     else:
         vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
     layers = vision.get("layers")

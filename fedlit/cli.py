@@ -27,8 +27,10 @@ from fedlit.federation.signals import STOP, Preempted, requeue_slurm_job
 
 MAIN_KEYS = """main keys (any key of the config can be overridden as key=value):
   algorithm={algorithms}|all   seed=0
-  backbone.name=shapes-clip|tiny|RN50-quickgelu|ViT-B-16-quickgelu|...  backbone.pretrained=openai|/path/to/file|random
+  backbone.name=shapes-clip|fashion-clip|tiny|RN50-quickgelu|ViT-B-16-quickgelu|...
+  backbone.pretrained=openai|/path/to/file|random
   data.name=shapes|cifar10|cifar100|caltech101|oxford_pets|flowers102|food101|dtd|domainnet|office_caltech10
+           |fashion_mnist|digits
   data.root=data  data.partition=pathological|dirichlet|domain|iid  data.num_clients=10  data.alpha=0.5
   data.shots=16  fed.rounds=10  fed.frac=1.0  fed.local_epochs=5  fed.eval_every=1
   method.num_experts=10  method.selection=knn|random  method.lam=0.5  method.mu=0.01  gate.top_k=null

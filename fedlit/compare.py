@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from fedlit.config import BUILTIN_BACKBONES
 from fedlit.errors import UserError
 from fedlit.metrics import TRANSFER_PREFIX
 from fedlit.reporting import load_results
@@ -37,7 +38,6 @@ SUMMARIES = {"last_round": "last round", "mean_last_5": "mean of last 5"}
 MEAN_LAST = 5  # what ``mean_last_5`` averages at most (fedlit.metrics.final_summary)
 FORMATS = ("text", "markdown", "csv")
 LEGACY_KEYS = ("dataset", "algorithm")  # results.json without a config: grouped by these two
-BUILTIN_BACKBONES = ("tiny", "shapes-clip")
 
 
 @dataclass

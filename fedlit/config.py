@@ -52,7 +52,7 @@ ALGORITHMS = algorithm_names()
 PARTITIONS = ("iid", "dirichlet", "pathological", "domain")
 # The names of fedlit.data.registry.DATASET_NAMES (a test keeps them equal; importing it here would pull in torch).
 DATASETS = ("shapes", "cifar10", "cifar100", "caltech101", "oxford_pets", "flowers102", "food101", "dtd",
-            "domainnet", "office_caltech10")
+            "domainnet", "office_caltech10", "fashion_mnist", "digits")
 DOMAIN_DATASETS = ("domainnet", "office_caltech10")
 # The domains of each domain dataset (fedlit.data.datasets reads them from here).
 DATASET_DOMAINS = {"domainnet": ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
@@ -67,7 +67,8 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-t
 # fedlit calls Fabric.launch() without a function and never wraps models: spawn, FSDP and DeepSpeed do not apply.
 STRATEGIES = ("auto", "ddp")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")  # as fedlit.backbone: pretrained is a file
-BUILTIN_BACKBONES = ("tiny", "shapes-clip")  # fedlit's own weights: backbone.pretrained does not apply
+BUILTIN_BACKBONES = ("tiny", "shapes-clip", "fashion-clip")  # fedlit's own weights: backbone.pretrained does not apply
+PRETRAINED_BUILTINS = ("shapes-clip", "fashion-clip")  # the built-in backbones with trained weights (fedlit.pretrain)
 RANDOM_WEIGHTS = "random"  # backbone.pretrained of an open_clip model trained from random weights, on purpose
 MAX_INT = 2**31 - 1  # integer keys above this only overflow C code (numpy, torch) further down
 MAX_SEED = 2**32 - 1
@@ -88,7 +89,7 @@ class ConfigError(UserError):
 
 @dataclass
 class BackboneConfig:
-    name: str = "shapes-clip"  # open_clip model name, "shapes-clip" (built offline) or "tiny" (random)
+    name: str = "shapes-clip"  # open_clip model name, "shapes-clip" / "fashion-clip" (built offline) or "tiny" (random)
     pretrained: str | None = None  # open_clip tag (e.g. "openai"), a local weights file, or "random" (open_clip only)
     cache_dir: str | None = None  # built backbones and feature caches (None: $FEDLIT_CACHE or ~/.cache/fedlit)
     sanity_check: bool = True  # pretrained backbones: stop if zero-shot accuracy is at chance (misaligned names)
@@ -132,6 +133,8 @@ class DataConfig:
     train_per_class: int = 64  # shapes only: generated train images per class
     test_per_class: int = 32  # shapes only: generated test images per class
     shapes_brightness: float = 1.0  # shapes only: < 1 darkens the images (a domain shift from the pretraining data)
+    max_train_per_class: int | None = None  # real datasets: keep the first N train images of each class (None: all)
+    max_test_per_class: int | None = None  # real datasets: keep the first N test images of each class (None: all)
     batch_size: int = 32
     num_workers: int = 0
     drop_last: bool = False  # drop each client's last partial train batch in every epoch (reference code's DataLoader)
@@ -197,6 +200,13 @@ class MethodConfig:
     pha_ratio: float = 0.8  # fedpha: share of the global prompt's singular directions kept (--ratio 0.8 in argparse)
     pha_alpha: float = 1.0  # fedpha: margin of the push term (--alpha 1.0 in FedPHA's federated_main.py)
     dpfpl_rank: int = 8  # dpfpl: rank of the local prompt's factorisation (--rank 8 in DP-FPL; capped at n_ctx)
+    # fedmgp: prompt groups per client (NUM_PROMPTS_TEXT = NUM_PROMPTS_VISION = 5 in FedMGP's base2novel config)
+    mgp_groups: int = 5
+    mgp_upload: int = 2  # fedmgp: groups each client uploads per round, sampled by similarity (TOPK: 2)
+    mgp_temperature: float = 1.0  # fedmgp: softmax temperature of the upload sampling (TEMPERATURE: 1.0)
+    mgp_diversity_weight: float = 1.0  # fedmgp: weight of the diversity loss (DIVERGENT_LOSS_WEIGHT: 1.0)
+    mgp_pull_groups: bool = False  # fedmgp: True adds +weight * divergence, the public code's effective sign
+    # (which pulls the groups together); False subtracts it, the paper's diversity (docs/methods.md)
 
 
 @dataclass
@@ -671,6 +681,12 @@ def _check_data(d: DataConfig) -> None:
     _integer("data.train_per_class", d.train_per_class, 1)
     _integer("data.test_per_class", d.test_per_class, 1)
     _number("data.shapes_brightness", d.shapes_brightness, 0.0, 1.0, open_low=True)
+    for key in ("max_train_per_class", "max_test_per_class"):
+        value = getattr(d, key)
+        if value is not None:
+            _integer(f"data.{key}", value, 1)
+            _check(d.name != "shapes", f"data.{key} cuts a real dataset; shapes generates data."
+                                       f"{key.removeprefix('max_')} images per class: set that instead")
     _integer("data.batch_size", d.batch_size, 1)
     _integer("data.num_workers", d.num_workers, 0)
 
@@ -815,6 +831,7 @@ def _check_method(m: MethodConfig, cfg: Config) -> None:
     _integer("method.tpg_heads", m.tpg_heads, 1)
     _number("method.clip_adapter_lr", m.clip_adapter_lr, 0.0, open_low=True)
     _check_template("method.clip_adapter_template", m.clip_adapter_template)
+    _check_fedmgp(m)
 
 
 def _check_template(key: str, template: str) -> None:
@@ -822,6 +839,15 @@ def _check_template(key: str, template: str) -> None:
     rest = template.replace("{}", "", 1)
     _check(template.count("{}") == 1 and "{" not in rest and "}" not in rest,
            f"{key} must contain exactly one {{}} (the class name) and no other braces (got {template!r})")
+
+
+def _check_fedmgp(m: MethodConfig) -> None:
+    _integer("method.mgp_groups", m.mgp_groups, 1)
+    _integer("method.mgp_upload", m.mgp_upload, 1)
+    _check(m.mgp_upload <= m.mgp_groups, f"method.mgp_upload={m.mgp_upload} exceeds method.mgp_groups="
+                                         f"{m.mgp_groups}: a client uploads some of its own prompt groups")
+    _number("method.mgp_temperature", m.mgp_temperature, 0.0, open_low=True)
+    _number("method.mgp_diversity_weight", m.mgp_diversity_weight, 0.0)
 
 
 def _check_fedpha(m: MethodConfig, cfg: Config) -> None:
@@ -855,7 +881,7 @@ def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
 SYNCHRONOUS_ALGORITHMS = ("dpfpl",)  # methods on the synchronous mode (fedlit/federation/synchronous.py)
 # Methods with prompts inside the image tower (their algorithm's image_feature_kind is "tokens"; a test keeps this
 # equal to the algorithm files): ViT backbones only, images through the prompted tower at every step.
-IMAGE_SIDE_ALGORITHMS = ("vpt", "ivlp", "maple")
+IMAGE_SIDE_ALGORITHMS = ("vpt", "fedmgp", "ivlp", "maple")
 
 
 def image_side_conflict(cfg: Config, name: str) -> str | None:
@@ -909,6 +935,9 @@ def method_conflict(cfg: Config, name: str) -> str | None:
                 "prompt.class_specific do not apply (unset them)")
     if name == "fedpha" and not fedpha_prompt_fits(p):
         return f"algorithm=fedpha {FEDPHA_PROMPT_RULE}"
+    if name == "fedmgp" and p.depth is not None and p.depth > 1:
+        return (f"algorithm=fedmgp prompts the first layer of each tower only (the public code's PROMPT_DEPTH 1), "
+                f"not prompt.depth={p.depth}: unset prompt.depth or set it to 1")
     if name in IMAGE_SIDE_ALGORITHMS and (why := image_side_conflict(cfg, name)) is not None:
         return why
     if name in ("ivlp", "maple") and not deep_text_prompt_fits(p):

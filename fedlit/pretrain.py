@@ -1,12 +1,14 @@
-"""A tiny CLIP contrastively pretrained on generated shapes: the offline default backbone.
+"""Tiny CLIPs contrastively pretrained offline: ``shapes-clip`` (generated shapes, the offline default backbone) and
+``fashion-clip`` (real Fashion-MNIST photos of a subset of its classes).
 
 A randomly initialised CLIP does not behave like CLIP (zero-shot at chance, prompts barely learn), and
-no weights can be downloaded offline, so fedlit ships a *recipe* and builds the weights on first use.
-The result is cached as ``<cache_dir>/shapes-clip-<hash>.pt``, keyed by a hash of the recipe, and is
-the same for the same recipe (seeded model init and a seeded data stream). While it trains, the loop's whole state
-(weights, optimiser, data stream) is saved every :data:`CHECKPOINT_EVERY` steps to
-``shapes-clip-<hash>.partial.pt`` (atomically), so an interrupted build (Ctrl-C, a killed job) continues from there
-on the next use and ends with the same weights as an uninterrupted one.
+no weights can be downloaded offline, so fedlit ships *recipes* and builds the weights on first use. A recipe
+(:class:`ClipRecipe`) fixes the model size, the optimisation and the image-caption stream: its dataset, classes and
+caption templates. One implementation trains every recipe. The result is cached as ``<cache_dir>/<name>-<hash>.pt``,
+keyed by a hash of the recipe, and is the same for the same recipe (seeded model init and a seeded data stream).
+While it trains, the loop's whole state (weights, optimiser, data stream) is saved every :data:`CHECKPOINT_EVERY`
+steps to ``<name>-<hash>.partial.pt`` (atomically), so an interrupted build (Ctrl-C, a killed job) continues from
+there on the next use and ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import open_clip
 import torch
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from fedlit.clip_text import encode_text_cut
 from fedlit.data.base import Preprocess
+from fedlit.data.fashion_mnist import FASHION_CLASSNAMES, MissingDataset, find_fashion_mnist, load_split
 from fedlit.data.shapes import (
     GENERATOR_VERSION,
     SHAPES_CLASSNAMES,
@@ -41,17 +45,10 @@ from fedlit.progress import progress_bar
 FORMAT_VERSION = 1
 CHECKPOINT_EVERY = 25  # pretraining steps between two saves of the loop's state (a few seconds on 2 CPU cores)
 
-# The images the pretrained model expects: 32 px, normalised with the OpenAI CLIP statistics.
-SHAPES_CLIP_PREPROCESS = Preprocess(
-    image_size=SHAPES_NATIVE_SIZE,
-    mean=tuple(open_clip.OPENAI_DATASET_MEAN),  # type: ignore[arg-type]
-    std=tuple(open_clip.OPENAI_DATASET_STD),  # type: ignore[arg-type]
-)
-
-
 @dataclass(frozen=True)
-class ShapesClipRecipe:
-    """Everything that determines the pretrained weights (the cache key hashes these fields)."""
+class ClipRecipe:
+    """Everything that determines a built-in CLIP's weights (the cache key hashes these fields and
+    :meth:`hash_payload`). Subclasses name the backbone (``name``), its image size and its image-caption stream."""
 
     embed_dim: int = 128
     patch_size: int = 4
@@ -67,14 +64,38 @@ class ShapesClipRecipe:
     weight_decay: float = 0.1
     warmup_steps: int = 40
     seed: int = 0  # model init
-    data_seed: int = 12_345  # stream of generated images and captions (disjoint from the dataset's seeds)
+    data_seed: int = 12_345  # stream of images and captions (shapes: disjoint from the dataset's seeds)
+
+    name: ClassVar[str] = ""  # the backbone name and the cached file's prefix
+    image_size: ClassVar[int] = 0
+
+    def classnames(self) -> list[str]:
+        """The class names the captions use, indexed by the stream's labels."""
+        raise NotImplementedError
+
+    def templates(self) -> tuple[str, ...]:
+        """Caption templates, each with one ``{}`` for the class name."""
+        raise NotImplementedError
+
+    def hash_payload(self) -> dict:
+        """What :func:`recipe_hash` hashes besides nothing else: the fields and what the code fixes."""
+        raise NotImplementedError
+
+    def stream(self, data_root: str | Path | None) -> ImageStream:
+        """The stream of labelled training images (``data_root``: where a real dataset is looked for)."""
+        raise NotImplementedError
+
+    def preprocess(self) -> Preprocess:
+        """The images the pretrained model expects: ``image_size`` px, the OpenAI CLIP statistics."""
+        return Preprocess(image_size=self.image_size, mean=tuple(open_clip.OPENAI_DATASET_MEAN),  # type: ignore[arg-type]
+                          std=tuple(open_clip.OPENAI_DATASET_STD))  # type: ignore[arg-type]
 
     def model_cfg(self) -> dict:
-        """Keyword arguments of ``open_clip.CLIP`` for this recipe (standard vocab and context length, so
-        ``open_clip.tokenize`` works)."""
+        """Keyword arguments of ``open_clip.CLIP`` for this recipe (a ViT image tower; standard vocab and context
+        length, so ``open_clip.tokenize`` works)."""
         return {
             "embed_dim": self.embed_dim,
-            "vision_cfg": {"image_size": SHAPES_NATIVE_SIZE, "patch_size": self.patch_size,
+            "vision_cfg": {"image_size": self.image_size, "patch_size": self.patch_size,
                            "width": self.vision_width, "layers": self.vision_layers,
                            "head_width": self.vision_head_width},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": self.text_width,
@@ -82,20 +103,137 @@ class ShapesClipRecipe:
         }
 
 
+class ImageStream(Protocol):
+    """A recipe's source of training pairs, drawn from one ``torch.Generator`` in a fixed order."""
+
+    def labels(self, generator: torch.Generator, n: int) -> Tensor:
+        """``n`` labels ``(n,)`` int64, indices into the recipe's :meth:`ClipRecipe.classnames`."""
+
+    def images(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        """Raw images ``(n, 3, S, S)`` float32 in [0, 1] of ``labels`` ``(n,)``, ``S`` the recipe's image size."""
+
+
+class _ShapesStream:
+    """Freshly rendered shapes at every step (``render_shapes``, looked up at call time)."""
+
+    def labels(self, generator: torch.Generator, n: int) -> Tensor:
+        return torch.randint(len(SHAPES_CLASSNAMES), (n,), generator=generator)
+
+    def images(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        return render_shapes(labels, generator)
+
+
+@dataclass(frozen=True)
+class ShapesClipRecipe(ClipRecipe):
+    """``shapes-clip``: 32 px generated shapes of all 32 classes, a fresh batch at every step."""
+
+    name: ClassVar[str] = "shapes-clip"
+    image_size: ClassVar[int] = SHAPES_NATIVE_SIZE
+
+    def classnames(self) -> list[str]:
+        return list(SHAPES_CLASSNAMES)
+
+    def templates(self) -> tuple[str, ...]:
+        return SHAPES_TEMPLATES
+
+    def hash_payload(self) -> dict:
+        return {"recipe": asdict(self), "format": FORMAT_VERSION, "generator": GENERATOR_VERSION,
+                "classnames": SHAPES_CLASSNAMES, "templates": list(SHAPES_TEMPLATES)}
+
+    def stream(self, data_root: str | Path | None) -> ImageStream:
+        return _ShapesStream()
+
+
+FASHION_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a grayscale photo of a {}.",
+    "a product photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a {}, an item of clothing or an accessory.",
+    "a centred picture of a {} on a black background.",
+)
+
+
+class _ArrayStream:
+    """Real images of a few classes: a uniformly drawn class, then a uniformly drawn image of it, flipped left-right
+    with probability 1/2. ``images`` uint8 ``(N, S, S)`` sorted by ``labels`` ``(N,)`` (0..C-1, every class present)."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.pool = images
+        self.counts = torch.bincount(labels)
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+
+    def labels(self, generator: torch.Generator, n: int) -> Tensor:
+        return torch.randint(len(self.counts), (n,), generator=generator)
+
+    def images(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        position = (torch.rand(len(labels), generator=generator) * self.counts[labels]).long()
+        picked = self.pool[self.offsets[labels] + position].float().div_(255.0)  # (n, S, S)
+        flip = torch.rand(len(labels), generator=generator) < 0.5
+        picked[flip] = picked[flip].flip(-1)
+        return picked[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+@dataclass(frozen=True)
+class FashionClipRecipe(ClipRecipe):
+    """``fashion-clip``: Fashion-MNIST's real 28 px train photos of ``classes`` only (default the first five, the base
+    half of ``eval.protocol=base2novel``: its novel classes are unseen by both towers), leaving out the first
+    ``skip_per_class`` train images of each class (what ``data.max_train_per_class <= skip_per_class`` gives the
+    clients: images the backbone never saw). The test split is never used."""
+
+    patch_size: int = 7  # a 4 x 4 grid of 7 px patches (+ the class token): cheap on a CPU
+    steps: int = 300
+    warmup_steps: int = 30
+    classes: tuple[int, ...] = (0, 1, 2, 3, 4)
+    skip_per_class: int = 1000
+
+    name: ClassVar[str] = "fashion-clip"
+    image_size: ClassVar[int] = 28
+
+    def classnames(self) -> list[str]:
+        return [FASHION_CLASSNAMES[c] for c in self.classes]
+
+    def templates(self) -> tuple[str, ...]:
+        return FASHION_TEMPLATES
+
+    def hash_payload(self) -> dict:
+        return {"recipe": asdict(self), "format": FORMAT_VERSION, "dataset": "fashion_mnist", "split": "train",
+                "classnames": self.classnames(), "templates": list(FASHION_TEMPLATES)}
+
+    def stream(self, data_root: str | Path | None) -> ImageStream:
+        try:
+            images, labels = load_split(find_fashion_mnist(data_root or "data"), "train")
+        except (MissingDataset, ValueError) as err:
+            raise UserError(f"backbone {self.name} is pretrained on Fashion-MNIST: {err}") from None
+        chosen_images, chosen_labels = [], []
+        for new_label, label in enumerate(self.classes):
+            members = torch.from_numpy(labels == label).nonzero().flatten()[self.skip_per_class:]
+            if len(members) == 0:
+                raise UserError(f"backbone {self.name}: no Fashion-MNIST train image of class {label} "
+                                f"({FASHION_CLASSNAMES[label]}) after the first {self.skip_per_class}")
+            chosen_images.append(torch.from_numpy(images)[members])
+            chosen_labels.append(torch.full((len(members),), new_label))
+        return _ArrayStream(torch.cat(chosen_images), torch.cat(chosen_labels))
+
+
 DEFAULT_RECIPE = ShapesClipRecipe()
+SHAPES_CLIP_PREPROCESS = DEFAULT_RECIPE.preprocess()  # 32 px, the OpenAI CLIP statistics
+FASHION_RECIPE = FashionClipRecipe()
+RECIPES: dict[str, ClipRecipe] = {DEFAULT_RECIPE.name: DEFAULT_RECIPE, FASHION_RECIPE.name: FASHION_RECIPE}
 
 
-def recipe_hash(recipe: ShapesClipRecipe) -> str:
-    """sha256 hex digest (first 16 characters) of the recipe's fields, the format and generator versions,
-    the class names and the caption templates."""
-    payload = {"recipe": asdict(recipe), "format": FORMAT_VERSION, "generator": GENERATOR_VERSION,
-               "classnames": SHAPES_CLASSNAMES, "templates": list(SHAPES_TEMPLATES)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+def recipe_hash(recipe: ClipRecipe) -> str:
+    """sha256 hex digest (first 16 characters) of ``recipe.hash_payload()``: the recipe's fields, the format
+    version and what the stream fixes (shapes: the generator version, class names and caption templates)."""
+    return hashlib.sha256(json.dumps(recipe.hash_payload(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def shapes_clip_path(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_RECIPE) -> Path:
-    """Where the weights of ``recipe`` are cached."""
-    return Path(cache_dir).expanduser() / f"shapes-clip-{recipe_hash(recipe)}.pt"
+def clip_path(cache_dir: str | Path, recipe: ClipRecipe = DEFAULT_RECIPE) -> Path:
+    """Where the weights of ``recipe`` are cached: ``<cache_dir>/<recipe.name>-<hash>.pt``."""
+    return Path(cache_dir).expanduser() / f"{recipe.name}-{recipe_hash(recipe)}.pt"
+
+
+shapes_clip_path = clip_path
 
 
 def normalize_images(images: Tensor, preprocess: Preprocess = SHAPES_CLIP_PREPROCESS) -> Tensor:
@@ -105,10 +243,11 @@ def normalize_images(images: Tensor, preprocess: Preprocess = SHAPES_CLIP_PREPRO
     return (images - mean) / std
 
 
-def _caption_tokens() -> Tensor:
-    """Tokens of every (template, class) caption, ``(len(SHAPES_TEMPLATES), C, 77)``."""
-    texts = [t.format(name) for t in SHAPES_TEMPLATES for name in SHAPES_CLASSNAMES]
-    return open_clip.tokenize(texts).view(len(SHAPES_TEMPLATES), len(SHAPES_CLASSNAMES), -1)
+def _caption_tokens(recipe: ClipRecipe) -> Tensor:
+    """Tokens of every (template, class) caption of ``recipe``, ``(T, C, 77)``."""
+    templates, names = recipe.templates(), recipe.classnames()
+    tokens = open_clip.tokenize([t.format(name) for t in templates for name in names])
+    return tokens.view(len(templates), len(names), -1)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -130,19 +269,19 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
-def _lr_at(step: int, recipe: ShapesClipRecipe) -> float:
+def _lr_at(step: int, recipe: ClipRecipe) -> float:
     if step < recipe.warmup_steps:
         return recipe.lr * (step + 1) / recipe.warmup_steps
     progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
     return 0.5 * recipe.lr * (1 + math.cos(math.pi * progress))
 
 
-def partial_path(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_RECIPE) -> Path:
+def partial_path(cache_dir: str | Path, recipe: ClipRecipe = DEFAULT_RECIPE) -> Path:
     """Where an unfinished pretraining of ``recipe`` keeps its loop state (removed once the weights are cached)."""
-    return shapes_clip_path(cache_dir, recipe).with_suffix(".partial.pt")
+    return clip_path(cache_dir, recipe).with_suffix(".partial.pt")
 
 
-def _resume_state(path: Path | None, recipe: ShapesClipRecipe) -> dict | None:
+def _resume_state(path: Path | None, recipe: ClipRecipe) -> dict | None:
     """The loop state saved at ``path`` for ``recipe``, or None (no file, or one that cannot be read or belongs to
     another recipe: the pretraining then starts over)."""
     if path is None or not path.is_file():
@@ -156,21 +295,25 @@ def _resume_state(path: Path | None, recipe: ShapesClipRecipe) -> dict | None:
     return state
 
 
-def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool = True,
-                      checkpoint: Path | None = None, every: int | None = None) -> open_clip.CLIP:
-    """Pretrain a CLIP of ``recipe.model_cfg()`` contrastively on a fresh batch of generated images and
-    captions at every step (``recipe.steps * recipe.batch_size`` images in all); returns it in eval mode.
+def train_clip(recipe: ClipRecipe = DEFAULT_RECIPE, progress: bool = True, checkpoint: Path | None = None,
+               every: int | None = None, data_root: str | Path | None = None,
+               stream: ImageStream | None = None) -> open_clip.CLIP:
+    """Pretrain a CLIP of ``recipe.model_cfg()`` contrastively on a fresh batch of images and captions of the
+    recipe's stream at every step (``recipe.steps * recipe.batch_size`` pairs in all); returns it in eval mode.
+    ``stream``: the recipe's :meth:`ClipRecipe.stream` (built from ``data_root`` when None).
     ``progress``: a bar over the steps with the loss (on a terminal, see :func:`fedlit.progress.progress_bar`).
     ``checkpoint``: a file for the loop state (weights, optimiser, data stream and torch's RNG), written atomically
     every ``every`` steps (default :data:`CHECKPOINT_EVERY`) and resumed from when it holds this recipe's state: the
     weights are bitwise those of an uninterrupted pretraining."""
     every = every or CHECKPOINT_EVERY
+    stream = stream if stream is not None else recipe.stream(data_root)
+    preprocess = recipe.preprocess()
     torch.manual_seed(recipe.seed)
     model = open_clip.CLIP(**recipe.model_cfg())
     model.train()
     optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr,
                                   betas=(0.9, 0.98), eps=1e-6)
-    all_tokens = _caption_tokens()
+    all_tokens = _caption_tokens(recipe)
     generator = torch.Generator().manual_seed(recipe.data_seed)
     start = 0
     saved = _resume_state(checkpoint, recipe)
@@ -181,12 +324,12 @@ def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool 
         torch.set_rng_state(saved["rng"])
         start = int(saved["step"])
         if progress:
-            print(f"[shapes-clip] resuming the pretraining at step {start} of {recipe.steps}", flush=True)
-    bar = progress_bar(recipe.steps, "shapes-clip pretraining", enabled=progress, initial=start, unit="step")
+            print(f"[{recipe.name}] resuming the pretraining at step {start} of {recipe.steps}", flush=True)
+    bar = progress_bar(recipe.steps, f"{recipe.name} pretraining", enabled=progress, initial=start, unit="step")
     for step in range(start, recipe.steps):
-        labels = torch.randint(len(SHAPES_CLASSNAMES), (recipe.batch_size,), generator=generator)
-        template = torch.randint(len(SHAPES_TEMPLATES), (recipe.batch_size,), generator=generator)
-        images = normalize_images(render_shapes(labels, generator))
+        labels = stream.labels(generator, recipe.batch_size)
+        template = torch.randint(len(all_tokens), (recipe.batch_size,), generator=generator)
+        images = normalize_images(stream.images(labels, generator), preprocess)
         tokens = all_tokens[template, labels]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, recipe)
@@ -209,44 +352,47 @@ def train_shapes_clip(recipe: ShapesClipRecipe = DEFAULT_RECIPE, progress: bool 
     return model.eval()
 
 
-def build_shapes_clip(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_RECIPE,
-                      progress: bool = True) -> Path:
-    """Path of the cached weights of ``recipe`` under ``cache_dir``, training them first if missing.
+def build_clip(cache_dir: str | Path, recipe: ClipRecipe = DEFAULT_RECIPE, progress: bool = True,
+               data_root: str | Path | None = None) -> Path:
+    """Path of the cached weights of ``recipe`` under ``cache_dir``, training them first if missing (a real
+    dataset's stream is read from ``data_root`` first, so a missing dataset is a UserError before anything is
+    written).
 
     The file is a dict ``{"recipe", "recipe_hash", "model_cfg", "preprocess", "state_dict"}``, written to a
-    temporary file and renamed into place under an exclusive lock (``shapes-clip-<hash>.lock``, removed afterwards),
+    temporary file and renamed into place under an exclusive lock (``<name>-<hash>.lock``, removed afterwards),
     so concurrent builders train once and readers never see a partial file. An interrupted build resumes from
     :func:`partial_path`, removed once the weights are in place.
     """
-    path = shapes_clip_path(cache_dir, recipe)
+    path = clip_path(cache_dir, recipe)
     if path.is_file():
         return path
+    stream = recipe.stream(data_root)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path.with_suffix(".lock")):
         if path.is_file():  # another process built it while we waited
             return path
         if progress:
-            print(f"[shapes-clip] building {path.name} (one-time, cached in {path.parent})", flush=True)
+            print(f"[{recipe.name}] building {path.name} (one-time, cached in {path.parent})", flush=True)
         start = time.perf_counter()
-        model = train_shapes_clip(recipe, progress, checkpoint=partial_path(cache_dir, recipe))
+        model = train_clip(recipe, progress, checkpoint=partial_path(cache_dir, recipe), stream=stream)
         payload = {
             "recipe": asdict(recipe),
             "recipe_hash": recipe_hash(recipe),
             "model_cfg": recipe.model_cfg(),
-            "preprocess": asdict(SHAPES_CLIP_PREPROCESS),
+            "preprocess": asdict(recipe.preprocess()),
             "state_dict": model.state_dict(),
         }
         atomic_write(path, lambda f: torch.save(payload, f))
         partial_path(cache_dir, recipe).unlink(missing_ok=True)
         if progress:
-            print(f"[shapes-clip] built in {time.perf_counter() - start:.1f}s -> {path}", flush=True)
+            print(f"[{recipe.name}] built in {time.perf_counter() - start:.1f}s -> {path}", flush=True)
     return path
 
 
-def load_shapes_clip(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_RECIPE,
-                     progress: bool = True) -> open_clip.CLIP:
-    """The pretrained shapes CLIP of ``recipe`` in eval mode (built and cached on first use)."""
-    path = build_shapes_clip(cache_dir, recipe, progress)
+def load_clip(cache_dir: str | Path, recipe: ClipRecipe = DEFAULT_RECIPE, progress: bool = True,
+              data_root: str | Path | None = None) -> open_clip.CLIP:
+    """The pretrained CLIP of ``recipe`` in eval mode (built and cached on first use, see :func:`build_clip`)."""
+    path = build_clip(cache_dir, recipe, progress, data_root)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("recipe_hash") != recipe_hash(recipe):
@@ -256,6 +402,12 @@ def load_shapes_clip(cache_dir: str | Path, recipe: ShapesClipRecipe = DEFAULT_R
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in torch.load or load_state_dict
-        raise UserError(f"cannot load the cached shapes-clip weights {path} ({type(err).__name__}); "
+        raise UserError(f"cannot load the cached {recipe.name} weights {path} ({type(err).__name__}); "
                         "delete it to rebuild") from None
     return model.eval()
+
+
+# The shapes-clip names of the functions above (the recipe argument defaults to shapes-clip's everywhere).
+train_shapes_clip = train_clip
+build_shapes_clip = build_clip
+load_shapes_clip = load_clip

@@ -12,7 +12,7 @@ from fedlit.config import Config, heldout_size, runnable_algorithms, skipped_alg
 TRAIN_SIZES: dict[str, tuple[int, int] | None] = {
     "cifar10": (50_000, 10), "cifar100": (50_000, 100), "caltech101": (4_128, 100), "oxford_pets": (2_944, 37),
     "flowers102": (4_093, 102), "food101": (50_500, 101), "dtd": (2_820, 47), "domainnet": None,
-    "office_caltech10": None,
+    "office_caltech10": None, "fashion_mnist": (60_000, 10), "digits": (1_352, 10),
 }
 SHAPES_CLASSES = 32
 
@@ -54,6 +54,8 @@ def train_images_per_client(cfg: Config) -> float | None:
         return None
     else:
         images, classes = TRAIN_SIZES[d.name]  # type: ignore[misc]
+        if d.max_train_per_class is not None:  # an upper bound: a class may hold fewer
+            images = min(images, classes * d.max_train_per_class)
     if cfg.eval.protocol == "base2novel":
         images, classes = images * math.ceil(classes / 2) / classes, math.ceil(classes / 2)
     if d.partition == "pathological" and d.shots is not None:

@@ -207,7 +207,7 @@ def test_an_open_clip_model_needs_weights_or_random_by_name(tmp_path):
     assert fast(tmp_path, "backbone.name=tiny").backbone.pretrained is None  # the built-ins need nothing
 
 
-@pytest.mark.parametrize("name", ["tiny", "shapes-clip"])
+@pytest.mark.parametrize("name", ["tiny", "shapes-clip", "fashion-clip"])
 def test_pretrained_is_refused_with_the_built_in_backbones(tmp_path, name):
     (tmp_path / "w.pt").write_bytes(b"weights")
     for pretrained in ("openai", tmp_path / "w.pt", "random"):
@@ -263,3 +263,26 @@ def test_algorithm_all_leaves_out_the_methods_a_config_excludes_and_says_why():
                            ("dpfpl", "robust.aggregator=median")):
         with pytest.raises(ConfigError, match=f"algorithm={name} "):
             load_config(None, [f"algorithm={name}", override])
+
+
+def test_fedmgp_keys_are_checked_in_one_line(tmp_path):
+    cfg = fast(tmp_path, "method.mgp_groups=1", "method.mgp_upload=1", "method.mgp_diversity_weight=0",
+               "method.mgp_temperature=1e-6")
+    assert (cfg.method.mgp_groups, cfg.method.mgp_upload, cfg.method.mgp_diversity_weight) == (1, 1, 0.0)
+    assert refused(tmp_path, "method.mgp_groups=3", "method.mgp_upload=4") == (
+        "method.mgp_upload=4 exceeds method.mgp_groups=3: a client uploads some of its own prompt groups")
+    assert refused(tmp_path, "method.mgp_upload=0") == "method.mgp_upload must be >= 1 (got 0)"
+    assert refused(tmp_path, "method.mgp_groups=0") == "method.mgp_groups must be >= 1 (got 0)"
+    assert refused(tmp_path, "method.mgp_temperature=0") == "method.mgp_temperature must be > 0.0 (got 0.0)"
+
+
+def test_fedmgp_refuses_deep_prompts_in_one_line(tmp_path):
+    message = refused(tmp_path, "algorithm=fedmgp", "prompt.depth=2")
+    assert message == ("algorithm=fedmgp prompts the first layer of each tower only (the public code's PROMPT_DEPTH "
+                       "1), not prompt.depth=2: unset prompt.depth or set it to 1")
+    assert fast(tmp_path, "algorithm=fedmgp", "prompt.depth=1").prompt.depth == 1
+    from fedlit.config import skipped_algorithms
+
+    assert "fedmgp" in skipped_algorithms(fast(tmp_path, "algorithm=all", "prompt.depth=3"))
+    assert refused(tmp_path, "algorithm=fedmgp", "backbone.name=RN50", "backbone.pretrained=random").startswith(
+        "algorithm=fedmgp puts prompt tokens inside the image tower, which needs a ViT")

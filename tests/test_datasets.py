@@ -451,7 +451,7 @@ def test_office_caltech10_list_files(tmp_path):
 # ------------------------------------------------------------------------------------------- registry
 def test_registry_names_and_unknown_dataset(tmp_path):
     assert DATASET_NAMES == ("shapes", "cifar10", "cifar100", "caltech101", "oxford_pets", "flowers102",
-                             "food101", "dtd", "domainnet", "office_caltech10")
+                             "food101", "dtd", "domainnet", "office_caltech10", "fashion_mnist", "digits")
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; choose one of shapes, cifar10, .*dtd"):
         build_dataset(cfg("imagenet", tmp_path), PRE)
 

@@ -39,6 +39,7 @@ def test_metadata_scripts_extras_license_and_typed_marker():
     extras = project["optional-dependencies"]
     assert {"plots", "tensorboard", "dev"} <= set(extras)
     assert set(extras["plots"]) <= set(extras["dev"])  # `make test` installs what tests/test_plots.py needs
+    assert set(extras["digits"]) <= set(extras["dev"])  # and what tests/test_real_datasets.py needs
     assert project["license"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
     assert (ROOT / "fedlit" / "py.typed").is_file()  # no project URLs: the project has no public address yet
 

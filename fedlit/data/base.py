@@ -8,6 +8,7 @@ the label (and domain) arrays, never images, so they are pure functions of those
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,3 +72,43 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
+
+
+class SubsetImages(LabeledImages):
+    """The items ``indices`` (int64 ``(M,)``) of another split, in that order, with its transform, labels and
+    domains."""
+
+    def __init__(self, base: LabeledImages, indices: np.ndarray) -> None:
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.targets = np.asarray(base.targets)[self.indices]
+        self.domains = None if base.domains is None else np.asarray(base.domains)[self.indices]
+        self.transform = base.transform
+
+    def load_image(self, index: int) -> Any:
+        """The base split's raw image ``indices[index]``."""
+        return self.base.load_image(int(self.indices[index]))
+
+
+def first_per_class(targets: np.ndarray, limit: int) -> np.ndarray:
+    """Indices (ascending) of the first ``limit`` items of every label in ``targets`` ``(N,)``: ``(M,)`` int64,
+    ``M = sum_c min(limit, n_c)``."""
+    targets = np.asarray(targets)
+    keep = np.zeros(len(targets), dtype=bool)
+    for label in np.unique(targets):
+        keep[np.flatnonzero(targets == label)[:limit]] = True
+    return np.flatnonzero(keep)
+
+
+def cap_per_class(bundle: DatasetBundle, train_limit: int | None, test_limit: int | None) -> DatasetBundle:
+    """``bundle`` with each split cut to its first ``train_limit`` / ``test_limit`` items per class (in the split's
+    own order; None leaves a split whole). The caps are appended to ``transform_id`` so that feature caches of a
+    cut split never serve another cut."""
+    if train_limit is None and test_limit is None:
+        return bundle
+    train = bundle.train if train_limit is None else SubsetImages(bundle.train,
+                                                                  first_per_class(bundle.train.targets, train_limit))
+    test = bundle.test if test_limit is None else SubsetImages(bundle.test,
+                                                               first_per_class(bundle.test.targets, test_limit))
+    return dataclasses.replace(bundle, train=train, test=test,
+                               transform_id=f"{bundle.transform_id}-cap{train_limit},{test_limit}")

@@ -17,7 +17,7 @@ from lightning.fabric import Fabric
 
 from fedlit.algorithms import Algorithm, build_algorithm
 from fedlit.backbone import Backbone, load_backbone
-from fedlit.config import RANDOM_WEIGHTS, Config, runnable_algorithms, to_yaml
+from fedlit.config import PRETRAINED_BUILTINS, RANDOM_WEIGHTS, Config, runnable_algorithms, to_yaml
 from fedlit.data.base import DatasetBundle
 from fedlit.data.features import FeatureCache
 from fedlit.data.partition import Partition, base_classes, make_partition, save_manifest
@@ -48,7 +48,7 @@ def config_digest(cfg: Config) -> str:
 
 def is_pretrained(cfg: Config) -> bool:
     """Whether the backbone carries trained weights (then zero-shot must beat chance)."""
-    return cfg.backbone.name == "shapes-clip" or cfg.backbone.pretrained not in (None, RANDOM_WEIGHTS)
+    return cfg.backbone.name in PRETRAINED_BUILTINS or cfg.backbone.pretrained not in (None, RANDOM_WEIGHTS)
 
 
 def numerics(cfg: Config, fabric: Fabric | None) -> dict[str, str]:
@@ -143,12 +143,12 @@ def build_job(cfg: Config, fabric: Fabric | None = None,
     backbone = None
     if rank == 0:
         backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device,
-                                 progress=progress)
+                                 progress=progress, data_root=cfg.data.root)
     if fabric is not None:
         fabric.barrier()
     if backbone is None:
         backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, cache_dir, device=device,
-                                 progress=False)
+                                 progress=False, data_root=cfg.data.root)
     bundle = build_dataset(cfg.data, backbone.preprocess)
     classes = base_classes(bundle.num_classes) if cfg.eval.protocol == "base2novel" else None
     partition = make_partition(bundle, cfg.data, cfg.seed, classes)
