@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedlit-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart quickstart-png test test-fast lint bench clean
+.PHONY: setup quickstart quickstart-png test test-fast lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/round_time.py
 	$(BIN)/python benchmarks/text_encoder.py
 	$(BIN)/python benchmarks/scaling.py
+
+# Everything that needs a GPU, one table in under 8 minutes (says so and exits 0 when no GPU is visible).
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

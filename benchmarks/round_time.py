@@ -73,10 +73,11 @@ def restrict_classes(bundle, num_classes: int):
     return bundle
 
 
-def build_bench_job(overrides: list[str], fabric=None):
-    """The :class:`~fedlit.federation.experiment.Job` of ``overrides`` (config overrides plus the benchmark's own
-    ``bench.num_classes=C``: the first C classes of the dataset) on ``fabric.device`` (CPU without Fabric), and the
-    seconds its one-off image cache took (features or tokens, as ``perf.cache_features`` and the method ask)."""
+def build_bench_job(overrides: list[str], fabric=None, config: str | Path | None = None):
+    """The :class:`~fedlit.federation.experiment.Job` of the YAML file ``config`` (None: the defaults) with
+    ``overrides`` (config overrides plus the benchmark's own ``bench.num_classes=C``: the first C classes of the
+    dataset) on ``fabric.device`` (CPU without Fabric), and the seconds its one-off image cache took (features or
+    tokens, as ``perf.cache_features`` and the method ask)."""
     from fedlit.backbone import load_backbone
     from fedlit.config import load_config
     from fedlit.data.features import FeatureCache
@@ -86,7 +87,7 @@ def build_bench_job(overrides: list[str], fabric=None):
     from fedlit.federation.experiment import Job
 
     config_overrides, num_classes = _split_bench(overrides)
-    cfg = load_config(None, config_overrides)
+    cfg = load_config(config, config_overrides)
     device = fabric.device if fabric is not None else torch.device("cpu")
     backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, device=device, progress=False)
     bundle = build_dataset(cfg.data, backbone.preprocess)
