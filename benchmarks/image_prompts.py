@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.round_time import build_bench_job, run_rounds  # noqa: E402
 
 METHODS = ("vpt", "maple")
+COLUMNS = ("method", "variant", "start layer", "G", "checkpointing", "s/round", "speed-up", "peak MiB", "cache s",
+           "same accuracies as", "same")
 # shapes images resized to the backbone's 224 px, a few clients and images: ViT-B/16's cost per image, small N
 # (a ViT-B/16 forward + backward of one image takes seconds on a shared 2-core CPU)
 DATA = ["data.partition=iid", "data.num_clients=2", "bench.num_classes=2", "data.train_per_class=2",
@@ -148,20 +150,17 @@ def main() -> None:
                 raise SystemExit(f"{method} {name} failed:\n{done.stderr[-4000:]}")
             results[method, name] = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"  {method} {name}: {results[method, name]['seconds_per_round']:.1f} s/round", flush=True)
-    header = (f"{'method':<8} {'variant':<12} {'start':>5} {'G':>3} {'ckpt':>5} {'s/round':>9} {'speed-up':>9} "
-              f"{'peak MiB':>9} {'cache s':>8} {'same acc as':>12} {'same':>5}")
-    print("\n" + header + "\n" + "-" * len(header))
+    print("\n| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
     for (method, name), r in results.items():
         v = variants[name]
         base = results.get((method, "uncached"))
         speed = f"{base['seconds_per_round'] / r['seconds_per_round']:.2f}x" if base else ""
         ref = results.get((method, v.same_as)) if v.same_as else None
-        same = str(ref["accuracies"] == r["accuracies"]) if ref else ""
-        print(f"{method:<8} {name:<12} {args.start_layer if v.late_start else 0:>5} "
-              f"{args.group if v.grouped else 1:>3} {'on' if v.checkpoint else 'off':>5} "
-              f"{r['seconds_per_round']:>9.2f} {speed:>9} {r['peak_memory_mib']:>9.0f} "
-              f"{r['cache_seconds']:>8.1f} {v.same_as if ref else '':>12} {same:>5}")
-
+        cells = [method, name, args.start_layer if v.late_start else 0, args.group if v.grouped else 1,
+                 "on" if v.checkpoint else "off", f"{r['seconds_per_round']:.2f}", speed,
+                 f"{r['peak_memory_mib']:.0f}", f"{r['cache_seconds']:.1f}", v.same_as if ref else "",
+                 ("yes" if ref["accuracies"] == r["accuracies"] else "no") if ref else ""]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
 
 if __name__ == "__main__":
     main()
