@@ -32,11 +32,12 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
 from fedlit.clip_text import encode_text_cut, text_tower, text_tower_shared_prefix
+from fedlit.clip_vision import prompt_tower, visual_tokens, visual_tower
 from fedlit.config import RANDOM_WEIGHTS, weights_needed
 from fedlit.data.base import Preprocess
 from fedlit.errors import UserError
 from fedlit.io import default_cache_dir
-from fedlit.pretrain import load_shapes_clip
+from fedlit.pretrain import DEFAULT_RECIPE, load_shapes_clip
 
 # A CLIP of ~1.6 M parameters that builds in milliseconds; standard vocab and context so the real tokenizer works.
 TINY_CLIP_CFG = dict(
@@ -109,6 +110,22 @@ class Backbone(nn.Module):
     def encode_image(self, images: Tensor) -> Tensor:
         """L2-normalised image features ``(B, D)`` of preprocessed images ``(B, 3, H, W)``."""
         return F.normalize(self.model.encode_image(images), dim=-1)
+
+    def image_tokens(self, images: Tensor, start_layer: int = 0) -> Tensor:
+        """The frozen tokens ``(B, 1+P, W)`` entering block ``start_layer`` of the ViT image tower for preprocessed
+        images ``(B, 3, H, W)`` (no grad: they depend on nothing trainable; :func:`fedlit.clip_vision.visual_tokens`).
+        A tower that cannot take prompt tokens raises a one-line UserError naming the backbone."""
+        prompt_tower(self.model, self.name)
+        return visual_tokens(self.model, images, start_layer)
+
+    def encode_image_prompted(self, tokens: Tensor, start_layer: int = 0, shallow: Tensor | None = None,
+                              deep: Sequence[Tensor] = (), use_checkpoint: bool = False) -> Tensor:
+        """L2-normalised image features ``(..., D)`` of frozen tokens ``(..., T, W)`` (:meth:`image_tokens` at
+        ``start_layer``) through the rest of the image tower with prompt tokens: ``shallow (n, W)`` appended at
+        ``start_layer``, ``deep[j] (n, W)`` replacing them before block ``start_layer + 1 + j``; prompts may carry
+        leading dimensions that broadcast against the tokens' (:func:`fedlit.clip_vision.visual_tower`). Runs with
+        grad so that the prompts receive gradients; ``use_checkpoint`` recomputes each block in the backward pass."""
+        return F.normalize(visual_tower(self.model, tokens, start_layer, shallow, deep, use_checkpoint), dim=-1)
 
     @torch.no_grad()
     def encode_image_patches(self, images: Tensor) -> Tensor:
@@ -251,6 +268,21 @@ def load_backbone(
     tokenizer = open_clip.get_tokenizer("ViT-B-32" if name in LOCAL_NAMES else name)
     fingerprint = f"{name}:{Path(pretrained).name if pretrained else RANDOM_WEIGHTS}:{_weights_digest(model)}"
     return Backbone(model, tokenizer, name, fingerprint, _preprocess_of(model), pretrained).to(device)
+
+
+def prompt_tower_layers(name: str) -> int | None:
+    """Blocks of the ViT image tower of backbone ``name`` (``tiny``, ``shapes-clip`` or an open_clip model name),
+    read from its configuration without building it; None when that tower cannot take prompt tokens (a
+    ModifiedResNet, a timm tower, attention pooling) or the name is unknown."""
+    if name == "tiny":
+        vision = TINY_CLIP_CFG["vision_cfg"]
+    elif name == "shapes-clip":
+        vision = DEFAULT_RECIPE.model_cfg()["vision_cfg"]
+    else:
+        vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+    layers = vision.get("layers")
+    plain = not vision.get("timm_model_name") and not vision.get("attentional_pool")
+    return layers if isinstance(layers, int) and plain and vision.get("pool_type", "tok") == "tok" else None
 
 
 def _create_open_clip(name: str, pretrained: str) -> nn.Module:

@@ -853,6 +853,32 @@ def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
 
 
 SYNCHRONOUS_ALGORITHMS = ("dpfpl",)  # methods on the synchronous mode (fedlit/federation/synchronous.py)
+# Methods with prompts inside the image tower (their algorithm's image_feature_kind is "tokens"; a test keeps this
+# equal to the algorithm files): ViT backbones only, images through the prompted tower at every step.
+IMAGE_SIDE_ALGORITHMS = ("vpt",)
+
+
+def image_side_conflict(cfg: Config, name: str) -> str | None:
+    """Why the image-side method ``name`` cannot run ``cfg`` (None: it can): a backbone whose image tower takes no
+    prompt tokens, prompt.vision_start_layer / prompt.depth beyond its layers, or cached augmented views."""
+    from fedlit.backbone import prompt_tower_layers  # torch: only when an image-side method is asked for
+
+    b, p = cfg.backbone.name, cfg.prompt
+    layers = prompt_tower_layers(b)
+    if layers is None:
+        return (f"algorithm={name} puts prompt tokens inside the image tower, which needs a ViT with class-token "
+                f"pooling; backbone {b} has none (use e.g. backbone.name=ViT-B-16-quickgelu, shapes-clip or tiny)")
+    if p.vision_start_layer >= layers:
+        return (f"prompt.vision_start_layer={p.vision_start_layer} but backbone {b} has {layers} image-tower layers "
+                f"(0..{layers - 1})")
+    if p.depth is not None and p.vision_start_layer + p.depth > layers:
+        return (f"prompt.depth={p.depth} layers from prompt.vision_start_layer={p.vision_start_layer} exceed the "
+                f"{layers} image-tower layers of backbone {b}")
+    if cfg.perf.augmented_views > 0:
+        return (f"perf.augmented_views caches image features of augmented views, but algorithm={name} trains prompts "
+                "inside the image tower (views of its tokens would take (1+P) x W floats each): set "
+                "perf.augmented_views=0 (train images are then augmented at every step)")
+    return None
 
 
 FEDPHA_PROMPT_RULE = ("draws unified random prompts with the class name at the end (the public code's only working "
@@ -873,6 +899,8 @@ def method_conflict(cfg: Config, name: str) -> str | None:
                 "prompt.class_specific do not apply (unset them)")
     if name == "fedpha" and not fedpha_prompt_fits(p):
         return f"algorithm=fedpha {FEDPHA_PROMPT_RULE}"
+    if name in IMAGE_SIDE_ALGORITHMS and (why := image_side_conflict(cfg, name)) is not None:
+        return why
     if name in SYNCHRONOUS_ALGORITHMS:
         robust = cfg.robust.aggregator != "mean" or cfg.robust.pre != "none"
         what = (f"robust.aggregator={cfg.robust.aggregator} / robust.pre={cfg.robust.pre}" if robust

@@ -21,18 +21,51 @@ from fedlit.progress import progress_bar
 
 POOLED, PATCHES = "pooled", "patches"  # image feature kinds: one (D,) feature per image, or (P+1, D) tokens
 FEATURE_KINDS = (POOLED, PATCHES)
+# An image-side prompt module's kind (``image_feature_kind = TOKENS``): the frozen tokens ``(1+P, W)`` entering
+# block L of the ViT image tower, kept per start layer as the kind ``token_kind(L)`` ("tokens@L").
+TOKENS = "tokens"
+
+
+def token_kind(start_layer: int) -> str:
+    """The feature kind of the frozen image-tower tokens entering block ``start_layer`` (:func:`visual_tokens`)."""
+    return f"{TOKENS}@{int(start_layer)}"
+
+
+def token_start_layer(kind: str) -> int | None:
+    """The start layer of a :func:`token_kind` (None for any other kind)."""
+    head, _, layer = kind.partition("@")
+    return int(layer) if head == TOKENS and layer.isdigit() else None
+
+
+def check_kind(kind: str) -> None:
+    """ValueError unless ``kind`` is pooled, patches or a :func:`token_kind`."""
+    if kind not in FEATURE_KINDS and token_start_layer(kind) is None:
+        raise ValueError(f"unknown image feature kind {kind!r}; choose one of {FEATURE_KINDS} or tokens@<layer>")
+
+
+def sample_dims(kind: str) -> int:
+    """Dimensions of one image's features of ``kind``: 1 pooled ``(D,)``, 2 patches ``(P+1, D)`` or tokens
+    ``(1+P, W)``."""
+    check_kind(kind)
+    return 1 if kind == POOLED else 2
 
 
 @torch.no_grad()
 def encode_dataset(backbone: Backbone, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
                    device: str | torch.device = "cpu", kind: str = POOLED, progress: bool = False,
                    desc: str = "image features") -> Tensor:
-    """Normalised image features (float32, on CPU) of every item of ``dataset``, in order: ``(N, D)`` pooled, or
-    ``(N, P+1, D)`` per-token (``kind="patches"``, :meth:`Backbone.encode_image_patches`). ``progress``: a bar
-    ``desc`` over the images (on a terminal, see :func:`fedlit.progress.progress_bar`)."""
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"unknown image feature kind {kind!r}; choose one of {FEATURE_KINDS}")
-    encode = backbone.encode_image if kind == POOLED else backbone.encode_image_patches
+    """Image features (float32, on CPU) of every item of ``dataset``, in order: ``(N, D)`` normalised pooled,
+    ``(N, P+1, D)`` normalised per-token (``kind="patches"``, :meth:`Backbone.encode_image_patches`), or the frozen
+    tokens ``(N, 1+P, W)`` entering block L of the image tower (``kind=token_kind(L)``,
+    :meth:`Backbone.image_tokens`). ``progress``: a bar ``desc`` over the images (on a terminal, see
+    :func:`fedlit.progress.progress_bar`)."""
+    check_kind(kind)
+    start = token_start_layer(kind)
+    if start is not None:
+        def encode(images: Tensor) -> Tensor:
+            return backbone.image_tokens(images, start)
+    else:
+        encode = backbone.encode_image if kind == POOLED else backbone.encode_image_patches
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     chunks = []
     with progress_bar(len(dataset), desc, enabled=progress, unit="img") as bar:

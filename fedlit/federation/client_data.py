@@ -18,16 +18,26 @@ keys; :meth:`ClientData.for_module` is the view that serves a module its own kin
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fedlit.backbone import Backbone
-from fedlit.config import ALGORITHMS, Config
+from fedlit.config import Config, runnable_algorithms
 from fedlit.data.base import DatasetBundle
-from fedlit.data.features import FEATURE_KINDS, PATCHES, POOLED, FeatureCache, encode_dataset, feature_key
+from fedlit.data.features import (
+    PATCHES,
+    POOLED,
+    TOKENS,
+    FeatureCache,
+    check_kind,
+    encode_dataset,
+    feature_key,
+    sample_dims,
+    token_kind,
+)
 from fedlit.data.partition import Partition
 from fedlit.errors import UserError
 
@@ -59,9 +69,10 @@ class ClientData:
     """Both splits for every client. ``train_features``: ``(N, D)``, ``(V, N, D)`` (augmented views) or None
     (images are loaded and encoded at every step); ``test_features``: ``(N_test, D)`` or None (encode at eval).
     ``drop_last``: every epoch ends with the last full batch (a client's remaining ``size % batch_size`` samples of
-    that epoch's order are skipped). ``train_patches`` ``(N, P+1, D)`` or ``(V, N, P+1, D)`` and ``test_patches``
-    ``(N_test, P+1, D)``: per-token features, cached when a module of the run asks for them; ``feature_kind`` says
-    which kind :meth:`train_batches` and :meth:`test_inputs` serve."""
+    that epoch's order are skipped). ``train_kinds`` / ``test_kinds``: features of the other kinds a module of the
+    run asks for (kind -> tensor): per-token features ``(N, P+1, D)`` (``"patches"``) or frozen image-tower tokens
+    ``(N, 1+P, W)`` (``token_kind(L)``), a leading ``V`` for augmented views; ``feature_kind`` says which kind
+    :meth:`train_batches` and :meth:`test_inputs` serve."""
 
     partition: Partition
     train_labels: Tensor
@@ -72,15 +83,24 @@ class ClientData:
     batch_size: int = 32
     num_workers: int = 0
     drop_last: bool = False
-    train_patches: Tensor | None = None
-    test_patches: Tensor | None = None
+    train_kinds: dict[str, Tensor] = field(default_factory=dict)
+    test_kinds: dict[str, Tensor] = field(default_factory=dict)
     feature_kind: str = POOLED
+
+    @property
+    def train_patches(self) -> Tensor | None:
+        """Cached per-token train features ``(N, P+1, D)`` (or ``(V, N, P+1, D)``); None when not cached."""
+        return self.train_kinds.get(PATCHES)
+
+    @property
+    def test_patches(self) -> Tensor | None:
+        """Cached per-token test features ``(N_test, P+1, D)``; None when not cached."""
+        return self.test_kinds.get(PATCHES)
 
     def for_kind(self, kind: str) -> ClientData:
         """The same data serving features of ``kind`` (tensors shared). ValueError when features are cached but
         not of that kind (the run was built without a module that asks for it)."""
-        if kind not in FEATURE_KINDS:
-            raise ValueError(f"unknown image feature kind {kind!r}; choose one of {FEATURE_KINDS}")
+        check_kind(kind)
         view = replace(self, feature_kind=kind)
         cached = self.test_features is not None or self.train_features is not None
         if kind != self.feature_kind and cached and view._test_source() is None and view._train_source() is None:
@@ -88,7 +108,7 @@ class ClientData:
         return view
 
     def cached_bytes(self) -> int:
-        """Bytes of every cached feature tensor this view serves (pooled features, or per-token patches)."""
+        """Bytes of every cached feature tensor this view serves (pooled features, patches or tokens)."""
         return sum(int(t.numel() * t.element_size()) for t in (self._train_source(), self._test_source())
                    if t is not None)
 
@@ -97,10 +117,10 @@ class ClientData:
         return self.for_kind(getattr(module, "image_feature_kind", POOLED))
 
     def _train_source(self) -> Tensor | None:
-        return self.train_patches if self.feature_kind == PATCHES else self.train_features
+        return self.train_features if self.feature_kind == POOLED else self.train_kinds.get(self.feature_kind)
 
     def _test_source(self) -> Tensor | None:
-        return self.test_patches if self.feature_kind == PATCHES else self.test_features
+        return self.test_features if self.feature_kind == POOLED else self.test_kinds.get(self.feature_kind)
 
     def train_size(self, cid: int) -> int:
         """Number of train samples of client ``cid``."""
@@ -125,7 +145,7 @@ class ClientData:
             yield from self._image_batches(order, int(torch.randint(2**62, (1,), generator=generator)), device)
             return
         views = None
-        if features.dim() == (4 if self.feature_kind == PATCHES else 3):
+        if features.dim() == sample_dims(self.feature_kind) + 2:
             views = torch.randint(features.shape[0], (len(order),), generator=generator)
         for start in range(0, self._epoch_length(len(order)), self.batch_size):
             batch = order[start : start + self.batch_size]
@@ -170,12 +190,13 @@ def check_drop_last(partition: Partition, batch_size: int) -> None:
 
 
 def run_feature_kinds(cfg: Config) -> list[str]:
-    """The image feature kind of every algorithm the run of ``cfg`` runs: the ``image_feature_kind`` its class
-    declares for its client module (``"pooled"`` when it declares none; nothing is built)."""
+    """The image feature kind of every algorithm the run of ``cfg`` runs (:func:`~fedlit.config.runnable_algorithms`):
+    the ``image_feature_kind`` its class declares for its client module (``"pooled"`` when it declares none; an
+    image-side method's ``"tokens"`` as :func:`token_kind` of ``prompt.vision_start_layer``); nothing is built."""
     from fedlit.algorithms import algorithm_class  # the algorithms import the modules, which import this package
 
-    names = list(ALGORITHMS) if cfg.algorithm == "all" else [cfg.algorithm]
-    return [getattr(algorithm_class(name), "image_feature_kind", POOLED) for name in names]
+    kinds = [getattr(algorithm_class(name), "image_feature_kind", POOLED) for name in runnable_algorithms(cfg)]
+    return [token_kind(cfg.prompt.vision_start_layer) if kind == TOKENS else kind for kind in kinds]
 
 
 def cached_features(cache: FeatureCache, backbone: Backbone, bundle: DatasetBundle, split: str,
@@ -187,7 +208,8 @@ def cached_features(cache: FeatureCache, backbone: Backbone, bundle: DatasetBund
     feature set computed (on a terminal)."""
     dataset = bundle.train if split == "train" else bundle.test
     key = feature_key(backbone, bundle.name, split, bundle.transform_id, len(dataset), views, kind)
-    desc = f"{bundle.name} {split} {'image' if kind == POOLED else 'patch'} features"
+    what = {POOLED: "image features", PATCHES: "patch features"}.get(kind, f"image-tower tokens ({kind})")
+    desc = f"{bundle.name} {split} {what}"
     if not views:
         return cache.get_or_compute(key, lambda: encode_dataset(backbone, dataset, device=device,
                                                                 num_workers=num_workers, kind=kind,
@@ -208,9 +230,10 @@ def cached_features(cache: FeatureCache, backbone: Backbone, bundle: DatasetBund
 def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, partition: Partition,
                       device: torch.device, cache: FeatureCache, kinds: Sequence[str] | None = None,
                       progress: bool = False) -> ClientData:
-    """Features as ``cfg.perf`` asks: cached test features, cached train features (or augmented views), pooled
-    always and per-token patches too when ``kinds`` (default: :func:`run_feature_kinds`) includes them. The data
-    serves patches when every kind is patches, else pooled features (:meth:`ClientData.for_module` switches).
+    """Features as ``cfg.perf`` asks: cached test features, cached train features (or augmented views) of every
+    kind in ``kinds`` (default: :func:`run_feature_kinds`): pooled always,
+    per-token patches, image-tower tokens. The data serves the kinds' one kind when they agree, else pooled
+    features (:meth:`ClientData.for_module` switches).
     UserError when ``data.drop_last`` would leave a client without a single batch. ``progress``: a bar per feature
     set computed (on a terminal)."""
     if cfg.data.drop_last:
@@ -228,7 +251,8 @@ def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, pa
             return features("train", cfg.perf.augmented_views, kind)
         return None
 
-    patches = PATCHES in kinds and cfg.perf.cache_features
+    others = list(dict.fromkeys(k for k in kinds if k != POOLED)) if cfg.perf.cache_features else []
+    train_kinds = {kind: train(kind) for kind in others}
     return ClientData(
         partition=partition,
         train_labels=torch.as_tensor(bundle.train.targets, dtype=torch.long),
@@ -239,7 +263,7 @@ def build_client_data(cfg: Config, backbone: Backbone, bundle: DatasetBundle, pa
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         drop_last=cfg.data.drop_last,
-        train_patches=train(PATCHES) if patches else None,
-        test_patches=features("test", kind=PATCHES) if patches else None,
-        feature_kind=PATCHES if kinds and all(k == PATCHES for k in kinds) else POOLED,
+        train_kinds={k: v for k, v in train_kinds.items() if v is not None},
+        test_kinds={kind: features("test", kind=kind) for kind in others},
+        feature_kind=kinds[0] if kinds and all(k == kinds[0] for k in kinds) else POOLED,
     )

@@ -194,7 +194,8 @@ class LocalTrainer:
                  stream: int = CLIENT_STREAM) -> _Client:
         """Load ``plan``, read back the client's start values, extras and optimiser schedule, and draw all its
         batches. Images (when features are not cached) are encoded here: the frozen image tower does not depend
-        on the client's state, and only the small features are kept."""
+        on the client's state, and only the small features are kept (for an image-side module: the frozen tokens
+        below its first prompted block, :meth:`~fedlit.modules.base.ClientModule.frozen_image_inputs`)."""
         module = self.module
         flip = self._label_flip(module.num_classes) if cid in self.flipped_clients else None
         classes = self.data.train_classes(cid, flip)
@@ -213,9 +214,8 @@ class LocalTrainer:
             for x, y in self.data.train_batches(cid, generator, self.device):
                 if flip is not None:
                     y = flip.to(y.device)[y]
-                if x.dim() != 2:
-                    with torch.no_grad(), self.autocast():
-                        x = module.image_features(x)
+                with torch.no_grad(), self.autocast():
+                    x = module.frozen_image_inputs(x)  # pooled features, or an image-side module's frozen tokens
                 client.batches.append((x, y))
                 client.epochs.append(epoch)
         return client
@@ -318,7 +318,7 @@ def auto_group_size(module: ClientModule, num_clients: int, batch_size: int, dev
     ``K x C x D``) once per image, about ``batch_size x extras_bytes``. Free memory is ``torch.cuda.mem_get_info``
     on a GPU and ``MemAvailable`` of ``/proc/meminfo`` on a CPU.
     """
-    per_client = client_activation_bytes(module) + batch_size * extras_bytes
+    per_client = client_activation_bytes(module) + batch_size * (extras_bytes + image_activation_bytes(module))
     free = available_memory(torch.device(device))
     return max(1, min(num_clients, int(fraction * free) // max(per_client, 1)))
 
@@ -344,6 +344,22 @@ def client_activation_bytes(module: ClientModule) -> int:
     else:
         per_layer = classes * tokens * (ACTIVATIONS_PER_TOKEN * width + 2 * heads * tokens)
     return 4 * layers * per_layer
+
+
+def image_activation_bytes(module: ClientModule) -> int:
+    """Estimated bytes one image's pass through an image-side module's prompted blocks keeps alive for the backward
+    pass (0 for other modules): ``blocks x T x (18 W + 2 heads T)`` floats for T tokens of width W; with
+    :attr:`~fedlit.modules.base.ClientModule.checkpoint_activations` only each block's input ``T x W`` is kept."""
+    if not module.image_side:
+        return 0
+    visual = module.backbone.model.visual
+    blocks = len(visual.transformer.resblocks) - module.vision_start_layer
+    width = int(visual.class_embedding.shape[-1])
+    heads = int(getattr(visual.transformer.resblocks[0].attn, "num_heads", 8))
+    tokens = int(visual.positional_embedding.shape[0]) + int(getattr(module, "vision_n_ctx", 0))
+    per_block = tokens * width if module.checkpoint_activations else \
+        tokens * (ACTIVATIONS_PER_TOKEN * width + 2 * heads * tokens)
+    return 4 * blocks * per_block
 
 
 def available_memory(device: torch.device) -> int:

@@ -8,6 +8,7 @@ that a federated simulator can keep many clients' state in a store and swap it i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fedlit.backbone import Backbone, load_backbone
 from fedlit.config import OptimConfig
+from fedlit.data.features import POOLED, token_start_layer
 
 
 def cosine_factor(epoch: int, epochs: int) -> float:
@@ -60,6 +62,11 @@ class ClientModule(L.LightningModule):
 
     # Whether a class's text features depend on which classes are the candidates (:meth:`candidate_text_features`)
     text_depends_on_candidates = False
+    # The cached image features this module reads (fedlit.data.features): "pooled" ``(D,)`` per image by default;
+    # an image-side module (prompts inside the image tower) sets ``token_kind(vision_start_layer)`` per instance
+    image_feature_kind = POOLED
+    vision_start_layer = 0  # image-side: the first image-tower block with prompts (below it: frozen, cacheable)
+    checkpoint_activations = False  # image-side: recompute the prompted blocks' activations in the backward pass
 
     def __init__(self, backbone: Backbone | str, classnames: list[str], optim: OptimConfig | None = None,
                  epochs: int | None = None, backbone_pretrained: str | None = None):
@@ -86,6 +93,29 @@ class ClientModule(L.LightningModule):
     def image_features(self, x: Tensor) -> Tensor:
         """Normalised image features ``(B, D)``: ``x`` itself when it already holds cached features."""
         return x if x.dim() == 2 else self.backbone.encode_image(x)
+
+    @property
+    def image_side(self) -> bool:
+        """Whether this module's prompts sit inside the image tower (its inputs are frozen image-tower tokens)."""
+        return token_start_layer(self.image_feature_kind) is not None
+
+    @torch.no_grad()
+    def frozen_image_inputs(self, x: Tensor) -> Tensor:
+        """What the local trainer keeps of a batch ``x`` (images ``(B, 3, H, W)`` or cached inputs), computed once
+        without grad: the normalised pooled features ``(B, D)`` (:meth:`image_features`, ``x`` itself when it holds
+        them), or for an image-side module the frozen tokens ``(B, 1+P, W)`` entering block
+        :attr:`vision_start_layer` (``x`` itself when it holds them)."""
+        if self.image_side:
+            return x if x.dim() == 3 else self.backbone.image_tokens(x, self.vision_start_layer)
+        return x if x.dim() == 2 else self.image_features(x)
+
+    def prompted_image_features(self, tokens: Tensor, shallow: Tensor, deep: Sequence[Tensor] = ()) -> Tensor:
+        """Normalised image features ``(..., D)`` of frozen tokens ``(..., T, W)`` (:meth:`frozen_image_inputs`;
+        ``(G, B, T, W)`` for a group of G clients) through the prompted blocks from :attr:`vision_start_layer`:
+        ``shallow (n, W)`` appended there, ``deep[j] (n, W)`` replacing it before the following blocks; prompts
+        may carry leading dimensions such as ``(G, 1, n, W)`` (:meth:`Backbone.encode_image_prompted`)."""
+        return self.backbone.encode_image_prompted(tokens, self.vision_start_layer, shallow, deep,
+                                                   use_checkpoint=self.checkpoint_activations)
 
     def class_text_features(self) -> Tensor:
         """Normalised class text features ``(C, D)`` of this client's current prompt."""
