@@ -855,7 +855,7 @@ def _check_privacy(p: PrivacyConfig, cfg: Config) -> None:
 SYNCHRONOUS_ALGORITHMS = ("dpfpl",)  # methods on the synchronous mode (fedlit/federation/synchronous.py)
 # Methods with prompts inside the image tower (their algorithm's image_feature_kind is "tokens"; a test keeps this
 # equal to the algorithm files): ViT backbones only, images through the prompted tower at every step.
-IMAGE_SIDE_ALGORITHMS = ("vpt",)
+IMAGE_SIDE_ALGORITHMS = ("vpt", "ivlp", "maple")
 
 
 def image_side_conflict(cfg: Config, name: str) -> str | None:
@@ -881,6 +881,16 @@ def image_side_conflict(cfg: Config, name: str) -> str | None:
     return None
 
 
+DEEP_TEXT_PROMPT_RULE = ("replaces the context after the start token by deep text prompts: it needs a unified "
+                         "context with the class name at the end (unset prompt.class_specific, "
+                         "prompt.class_position=end)")
+
+
+def deep_text_prompt_fits(p: PromptConfig) -> bool:
+    """Whether IVLP's / MaPLe's deep text prompts can replace the context of ``p`` (unified, class at the end)."""
+    return not p.class_specific and p.class_position == "end"
+
+
 FEDPHA_PROMPT_RULE = ("draws unified random prompts with the class name at the end (the public code's only working "
                       "setting): unset prompt.ctx_init, prompt.class_specific and prompt.class_position")
 
@@ -901,6 +911,8 @@ def method_conflict(cfg: Config, name: str) -> str | None:
         return f"algorithm=fedpha {FEDPHA_PROMPT_RULE}"
     if name in IMAGE_SIDE_ALGORITHMS and (why := image_side_conflict(cfg, name)) is not None:
         return why
+    if name in ("ivlp", "maple") and not deep_text_prompt_fits(p):
+        return f"algorithm={name} {DEEP_TEXT_PROMPT_RULE}"
     if name in SYNCHRONOUS_ALGORITHMS:
         robust = cfg.robust.aggregator != "mean" or cfg.robust.pre != "none"
         what = (f"robust.aggregator={cfg.robust.aggregator} / robust.pre={cfg.robust.pre}" if robust

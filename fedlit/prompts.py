@@ -8,6 +8,8 @@ frozen text tower. Buffers are cut after the last end token when the tower allow
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -155,9 +157,21 @@ class PromptLearner(nn.Module):
         half = self.n_ctx // 2
         return torch.cat([prefix, ctx[:, :half], class_tokens, ctx[:, half:], rest], dim=1)
 
-    def text_features(self, backbone: Backbone, ctx: Tensor | None = None) -> Tensor:
-        """Normalised class text features ``(C, D)`` (or ``(G, C, D)`` for stacked contexts)."""
+    def text_features(self, backbone: Backbone, ctx: Tensor | None = None, deep: Sequence[Tensor] = ()) -> Tensor:
+        """Normalised class text features ``(C, D)`` (or ``(G, C, D)`` for stacked contexts).
+
+        ``deep``: deep text prompts (IVLP, MaPLe), ``deep[j] (n_ctx, W)`` (``(G, n_ctx, W)`` with stacked contexts)
+        replacing the context positions before text block ``j + 1`` (:func:`fedlit.clip_text.text_tower`); the
+        context must sit right after the start token (unified, class at the end)."""
         embeddings = self.build_embeddings(ctx)
+        if deep:
+            if self.class_specific or self.class_position != "end":
+                raise ValueError("deep text prompts replace the context after the start token: they need a unified "
+                                 "context with the class at the end")
+            batched = embeddings.dim() == 4
+            deep = [p.unsqueeze(-3) if batched else p for p in deep]  # (G, 1, n, W) against (G, C, L, W)
+            eot = self.eot_index if not batched else self.eot_index.expand(embeddings.shape[0], -1)
+            return backbone.encode_prompts(embeddings, eot, deep=deep)
         if self.shared_length:
             stacked = embeddings if embeddings.dim() == 4 else embeddings.unsqueeze(0)
             prefix, suffix = stacked[:, 0, : self.shared_length], stacked[:, :, self.shared_length :]

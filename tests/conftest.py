@@ -51,6 +51,22 @@ def build_tiny_resnet(seed: int = 0) -> Backbone:
     return _seeded(build, seed)
 
 
+def build_mixed_vit(seed: int = 0) -> Backbone:
+    """A random ViT CLIP whose text (32) and vision (64) widths differ, three blocks per tower: image-side prompt
+    methods' text-to-vision maps (MaPLe's coupling) are real ``Linear(32, 64)`` layers and depth 3 has deep prompts."""
+
+    def build() -> Backbone:
+        model = open_clip.CLIP(
+            embed_dim=48,
+            vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=3, head_width=32),
+            text_cfg=dict(width=32, heads=2, layers=3),
+        )
+        tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        return Backbone(model, tokenizer, "mixed-vit", f"mixed-vit:random:{seed}", _preprocess_of(model))
+
+    return _seeded(build, seed)
+
+
 @pytest.fixture(scope="session")
 def tiny_resnet_factory():
     """Builds a fresh tiny ResNet-tower backbone (about 0.1 s) for tests that must not share one."""
