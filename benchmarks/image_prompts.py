@@ -17,7 +17,7 @@ seconds per round, the speed-up over ``uncached`` of the same method, the peak m
 for the variants that must give the same numbers as another, whether the per-round accuracies are identical. A
 method this checkout lacks is named and skipped.
 
-    python benchmarks/image_prompts.py                           # vpt + maple, ViT-B-16, ~10 minutes on 2 cores
+    python benchmarks/image_prompts.py                           # vpt + maple, ViT-B-16 (31 min on 2 loaded cores)
     python benchmarks/image_prompts.py --methods vpt --backbone tiny --start-layer 1
 """
 
