@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dataset-fashion-mnist
 
-.PHONY: setup quickstart quickstart-png real-data test test-fast lint bench clean
+.PHONY: setup quickstart quickstart-png real-data test test-fast lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/round_time.py
 	$(BIN)/python benchmarks/text_encoder.py
 	$(BIN)/python benchmarks/scaling.py
+
+# Everything that needs a GPU, one table in under 8 minutes (says so and exits 0 when no GPU is visible).
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

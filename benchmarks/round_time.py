@@ -73,8 +73,11 @@ def restrict_classes(bundle, num_classes: int):
     return bundle
 
 
-def run_one_path(name: str, optimised: bool, rounds: int, client_batch: int) -> dict:
-    """Run ``rounds`` rounds of config ``name`` on one path in this process; returns timings and accuracies."""
+def build_bench_job(overrides: list[str], fabric=None, config: str | Path | None = None):
+    """The :class:`~fedlit.federation.experiment.Job` of the YAML file ``config`` (None: the defaults) with
+    ``overrides`` (config overrides plus the benchmark's own ``bench.num_classes=C``: the first C classes of the
+    dataset) on ``fabric.device`` (CPU without Fabric), and the seconds its one-off image cache took (features or
+    tokens, as ``perf.cache_features`` and the method ask)."""
     from fedlit.backbone import load_backbone
     from fedlit.config import load_config
     from fedlit.data.features import FeatureCache
@@ -82,33 +85,56 @@ def run_one_path(name: str, optimised: bool, rounds: int, client_batch: int) -> 
     from fedlit.data.registry import build_dataset
     from fedlit.federation.client_data import build_client_data
     from fedlit.federation.experiment import Job
+
+    config_overrides, num_classes = _split_bench(overrides)
+    cfg = load_config(config, config_overrides)
+    device = fabric.device if fabric is not None else torch.device("cpu")
+    backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, device=device, progress=False)
+    bundle = build_dataset(cfg.data, backbone.preprocess)
+    if num_classes:
+        bundle = restrict_classes(bundle, num_classes)
+    partition = make_partition(bundle, cfg.data, cfg.seed)
+    t0 = time.perf_counter()
+    data = build_client_data(cfg, backbone, bundle, partition, device, FeatureCache(None))
+    return Job(cfg, backbone, bundle, partition, data, fabric), time.perf_counter() - t0
+
+
+def run_rounds(job, run_dir: Path, name: str | None = None) -> dict:
+    """Run algorithm ``name`` (default ``job.cfg.algorithm``) of ``job`` into ``run_dir``; returns its mean
+    seconds per round, client-steps per second, peak memory of the process (CUDA: max allocated during the run),
+    per-round mean accuracies, and the orchestrator (its checkpoint is in ``run_dir``)."""
     from fedlit.federation.orchestrator import peak_memory_bytes
 
-    overrides, num_classes = _split_bench({**CONFIGS, **SMOKE}[name])
+    cfg, device = job.cfg, job.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    orchestrator = job.orchestrator(Path(run_dir), name)
+    results = orchestrator.run()
+    rows = list((Path(run_dir) / "metrics.csv").read_text().splitlines())
+    column = rows[0].split(",").index("seconds")
+    seconds = float(np.mean([float(r.split(",")[column]) for r in rows[1:]]))
+    steps_per_round = sum(math.ceil(len(ix) / cfg.data.batch_size) for ix in job.partition.train_indices)
+    steps_per_round *= cfg.fed.local_epochs
+    return {
+        "seconds_per_round": seconds,
+        "client_steps_per_second": steps_per_round / seconds,
+        "peak_memory_mib": peak_memory_bytes(device) / 2**20,
+        "accuracies": [r["accuracy"] for r in results["rounds"]],
+        "classes": len(job.bundle.classnames),
+        "orchestrator": orchestrator,
+    }
+
+
+def run_one_path(name: str, optimised: bool, rounds: int, client_batch: int) -> dict:
+    """Run ``rounds`` rounds of config ``name`` on one path in this process; returns timings and accuracies."""
     perf = ([f"perf.client_batch={client_batch}"] if optimised else
             ["perf.cache_features=false", "perf.cut_text=false", "perf.share_prefix=false",
              "perf.client_batch=1"])
-    cfg = load_config(None, COMMON + overrides + perf + [f"fed.rounds={rounds}"])
-    backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained)
-    bundle = restrict_classes(build_dataset(cfg.data, backbone.preprocess), num_classes)
-    partition = make_partition(bundle, cfg.data, cfg.seed)
-    t0 = time.perf_counter()
-    data = build_client_data(cfg, backbone, bundle, partition, torch.device("cpu"), FeatureCache(None))
-    cache_seconds = time.perf_counter() - t0
+    job, cache_seconds = build_bench_job(COMMON + {**CONFIGS, **SMOKE}[name] + perf + [f"fed.rounds={rounds}"])
     with tempfile.TemporaryDirectory() as tmp:
-        results = Job(cfg, backbone, bundle, partition, data).orchestrator(Path(tmp)).run()
-        rows = list((Path(tmp) / "metrics.csv").read_text().splitlines())
-    seconds = [float(r.split(",")[-1]) for r in rows[1:]]
-    steps_per_round = sum(math.ceil(len(ix) / cfg.data.batch_size) for ix in partition.train_indices)
-    steps_per_round *= cfg.fed.local_epochs
-    return {
-        "seconds_per_round": float(np.mean(seconds)),
-        "client_steps_per_second": steps_per_round / float(np.mean(seconds)),
-        "peak_memory_mib": peak_memory_bytes(torch.device("cpu")) / 2**20,
-        "feature_cache_seconds": cache_seconds,
-        "accuracies": [r["accuracy"] for r in results["rounds"]],
-        "classes": len(bundle.classnames),
-    }
+        out = run_rounds(job, Path(tmp))
+    out.pop("orchestrator")
+    return {**out, "feature_cache_seconds": cache_seconds}
 
 
 def memory_of_many_clients(num_clients: int = 1000) -> dict:

@@ -66,6 +66,33 @@ def encoder_step(learner, backbone, contexts: torch.Tensor, autocast: contextlib
     return step
 
 
+def class_names(count: int) -> list[str]:
+    """``count`` distinct class names: CIFAR-10's, then numbered repeats of them."""
+    names = (CLASSNAMES * (count // len(CLASSNAMES) + 1))[:count]
+    return [f"{n} {i}" if i >= len(CLASSNAMES) else n for i, n in enumerate(names)]
+
+
+def bench_device() -> tuple[torch.device, torch.dtype]:
+    """The device the benchmark measures on and its dtype: the GPU in bf16 when one is visible, else CPU fp32."""
+    gpu = torch.cuda.is_available()
+    return (torch.device("cuda"), torch.bfloat16) if gpu else (torch.device("cpu"), torch.float32)
+
+
+def text_step_cost(learner, backbone, n_ctx: int, groups: int, device: torch.device, dtype: torch.dtype,
+                   repeats: int) -> tuple[float, int]:
+    """(median seconds, FLOPs) of one text-side training step of ``groups`` prompts ``(G, n_ctx, W)`` through
+    ``learner`` (a :class:`~fedlit.prompts.PromptLearner` on ``device``), under ``dtype`` autocast off the CPU."""
+    from fedlit.prompts import init_context
+
+    contexts = torch.stack([init_context(n_ctx, backbone.text_width, None, 0.02, seed=s)
+                            for s in range(groups)]).to(device).requires_grad_()
+    autocast = torch.autocast(device.type, dtype=dtype) if device.type != "cpu" else contextlib.nullcontext()
+    step = encoder_step(learner, backbone, contexts, autocast)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return seconds_per_call(step, device, repeats), counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="RN50", help="open_clip model name (random weights, no download)")
@@ -76,16 +103,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from fedlit.backbone import LOCAL_NAMES, load_backbone
-    from fedlit.prompts import PromptLearner, init_context
+    from fedlit.prompts import PromptLearner
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, dtype = bench_device()
     gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
     groups = args.groups or ([1, 4, 16, 64] if gpu else [1, 4, 16])
     weights = None if args.backbone in LOCAL_NAMES else "random"  # the papers' sizes, random: nothing downloaded
     backbone = load_backbone(args.backbone, weights, device=device)
-    names = (CLASSNAMES * (args.classes // len(CLASSNAMES) + 1))[: args.classes]
-    names = [f"{n} {i}" if i >= len(CLASSNAMES) else n for i, n in enumerate(names)]
+    names = class_names(args.classes)
     peak = matmul_peak_tflops(device, dtype, 8192 if gpu else 2048, args.repeats)
     threads = f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
     where = torch.cuda.get_device_name(device) if gpu else threads
@@ -97,14 +122,7 @@ def main() -> None:
     for share in (False, True):
         learner = PromptLearner(backbone, names, n_ctx=args.n_ctx, seed=0, share_prefix=share).to(device)
         for g in groups:
-            contexts = torch.stack([init_context(args.n_ctx, backbone.text_width, None, 0.02, seed=s)
-                                    for s in range(g)]).to(device).requires_grad_()
-            autocast = torch.autocast(device.type, dtype=dtype) if gpu else contextlib.nullcontext()
-            step = encoder_step(learner, backbone, contexts, autocast)
-            with FlopCounterMode(display=False) as counter:
-                step()
-            flops = counter.get_total_flops()
-            seconds = seconds_per_call(step, device, args.repeats)
+            seconds, flops = text_step_cost(learner, backbone, args.n_ctx, g, device, dtype, args.repeats)
             achieved = flops / seconds / 1e12
             label = "shared prefix" if share else "per class"
             print(f"{label:<14} {g:>4} {seconds * 1e3:>9.1f} {flops / 1e9:>11.2f} {achieved:>8.3f} "

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import ROOT
 
@@ -86,3 +87,33 @@ def test_expert_poisoning_prints_the_capped_poisoned_weight_per_attack_fraction(
     assert 0 <= float(clean) <= 100 and len(attacked) == 3 * 3  # "acc / weight" for 10%, 20% and 40%
     weights = [float(attacked[i + 2]) for i in range(0, 9, 3)]
     assert all(0 < w <= 3 * 10 + 1e-6 for w in weights)  # K = 3 slots, each capped at 10%
+
+
+def test_image_prompts_tables_every_variant_and_the_exact_ones_agree():
+    from fedlit.algorithms import ALGORITHMS
+
+    methods = [m for m in ("vpt", "maple") if m in ALGORITHMS]
+    assert "vpt" in methods
+    args = ["--methods", "vpt", "maple", "--backbone", "tiny", "--start-layer", "1", "--group", "2"]
+    done = subprocess.run([sys.executable, "benchmarks/image_prompts.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("machine: ") and f"torch {torch.__version__}" in done.stdout
+    if "maple" not in methods:
+        assert "missing methods (not in this checkout): maple" in done.stdout
+    lines = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    header, rows = lines[0], [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [c.strip() for c in header.strip("|").split("|")][-2:] == ["same accuracies as", "same"]
+    table = {(r[0], r[1]): r for r in rows}
+    variants = ["uncached", "cached", "cached G", "cached ckpt", "uncached L", "cached L"]
+    assert list(table) == [(m, v) for m in methods for v in variants]
+    for m in methods:
+        # start layer, G and checkpointing as each variant names them
+        assert [tuple(table[m, v][2:5]) for v in variants] == [
+            ("0", "1", "off"), ("0", "1", "off"), ("0", "2", "off"), ("0", "1", "on"), ("1", "1", "off"),
+            ("1", "1", "off")]
+        assert table[m, "uncached"][6] == "1.00x"
+        # caching the frozen tokens (from block 0 or block 1) and recomputing activations change no number
+        assert [table[m, v][-2:] for v in ("cached", "cached ckpt", "cached L")] == [
+            ["uncached", "yes"], ["cached", "yes"], ["uncached L", "yes"]]
+        assert table[m, "cached G"][-2] == "cached" and table[m, "uncached L"][-2:] == ["", ""]
