@@ -129,54 +129,60 @@ def empirical_epsilon(scores: np.ndarray, members: np.ndarray, delta: float, con
                         fpr_high, confidence)
 
 
-def _gaussian_fits(values: np.ndarray, classes: np.ndarray) -> tuple[dict[int, tuple[float, float]],
-                                                                    tuple[float, float]]:
-    """Per-class ``(mean, variance)`` of ``values`` (classes with fewer than 2 values are left out) and the pooled
-    fit; each variance is floored at 1e-6 times the pooled variance (and 1e-12) so that a class whose values
-    coincide still gives a finite density."""
-    pooled_var = float(np.var(values, ddof=1)) if len(values) > 1 else 1.0
-    floor = max(1e-6 * pooled_var, 1e-12)
-    pooled = (float(np.mean(values)) if len(values) else 0.0, max(pooled_var, floor))
-    fits = {}
-    for c in np.unique(classes):
-        v = values[classes == c]
-        if len(v) > 1:
-            fits[int(c)] = (float(v.mean()), max(float(v.var(ddof=1)), floor))
-    return fits, pooled
+def class_means(values: np.ndarray, classes: np.ndarray) -> tuple[dict[int, float], float]:
+    """``({class: mean of its values}, mean of all values)`` (0 for no values)."""
+    means = {int(c): float(values[classes == c].mean()) for c in np.unique(classes)}
+    return means, (float(values.mean()) if len(values) else 0.0)
 
 
-def _log_density(x: np.ndarray, classes: np.ndarray, fits: dict, pooled: tuple[float, float]) -> np.ndarray:
-    mean = np.array([fits.get(int(c), pooled)[0] for c in classes])
-    var = np.array([fits.get(int(c), pooled)[1] for c in classes])
-    return -0.5 * (np.log(2 * math.pi * var) + (x - mean) ** 2 / var)
+def _fit(residuals: np.ndarray) -> tuple[float, float]:
+    """``(mean, variance)`` of ``residuals`` (``ddof=1``; 1 for fewer than 2 values, floored at 1e-12)."""
+    mean = float(residuals.mean()) if len(residuals) else 0.0
+    var = float(residuals.var(ddof=1)) if len(residuals) > 1 else 1.0
+    return mean, max(var, 1e-12)
+
+
+def _log_density(x: np.ndarray, mean: float, var: float) -> np.ndarray:
+    return -0.5 * (math.log(2 * math.pi * var) + (x - mean) ** 2 / var)
 
 
 def gaussian_lrt(fit_values: np.ndarray, fit_classes: np.ndarray, fit_members: np.ndarray, values: np.ndarray,
                  classes: np.ndarray) -> np.ndarray:
-    """The log-likelihood ratio ``log N(v; μ_in,c, σ²_in,c) - log N(v; μ_out,c, σ²_out,c)`` of each of ``values
-    (n,)`` under per-class Gaussians fitted to the members and to the non-members of the fit set (``fit_values``,
-    ``fit_classes``, ``fit_members``, all ``(m,)``); a class with fewer than 2 fitted values of a side uses that
-    side's pooled fit. Returns ``(n,)`` float64."""
+    """A class-calibrated likelihood-ratio score of each of ``values (n,)`` of class ``classes (n,)``, fitted on
+    ``fit_values``, ``fit_classes``, ``fit_members`` (all ``(m,)``): each value minus its class's mean in the fit
+    set, ``r = v - μ_c`` (a class the fit set lacks: its overall mean), scored by ``log N(r; m_in, s²_in) -
+    log N(r; m_out, s²_out)`` with the Gaussians fitted to the members' and the non-members' residuals of the fit
+    set, pooled over classes. The class mean calibrates each class's difficulty; the membership shift and the two
+    spreads are shared by the classes (a few samples per class cannot fit their own). Returns ``(n,)`` float64."""
     fit_values = np.asarray(fit_values, dtype=np.float64)
     fit_members = np.asarray(fit_members, dtype=bool)
     values = np.asarray(values, dtype=np.float64)
     fit_classes, classes = np.asarray(fit_classes), np.asarray(classes)
-    inside = _gaussian_fits(fit_values[fit_members], fit_classes[fit_members])
-    outside = _gaussian_fits(fit_values[~fit_members], fit_classes[~fit_members])
-    return _log_density(values, classes, *inside) - _log_density(values, classes, *outside)
+    means, overall = class_means(fit_values, fit_classes)
+
+    def residual(v: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return v - np.array([means.get(int(k), overall) for k in c])
+
+    fitted = residual(fit_values, fit_classes)
+    r = residual(values, classes)
+    return _log_density(r, *_fit(fitted[fit_members])) - _log_density(r, *_fit(fitted[~fit_members]))
 
 
 def cross_fitted_lrt(values: np.ndarray, classes: np.ndarray, members: np.ndarray, seed: int = 0) -> np.ndarray:
     """:func:`gaussian_lrt` scores ``(n,)`` of every sample from fits on the *other* half: the samples are split at
-    random (seeded, within members and within non-members) into two folds and each fold is scored by the
-    Gaussians of the other, so no sample's score uses its own value or its own membership."""
+    random (seeded) into two folds, half of each (class, member or not) cell in each, and each fold is scored by
+    the Gaussians of the other, so no sample's score uses its own value or its own membership. Splitting every
+    cell in half keeps a class's share of members the same in both folds: with folds drawn within members and
+    non-members only, a class with few members in one fold has a noisy fit there and many members in the other
+    fold, which it scores low, biasing the AUC below 0.5 under no leakage at all."""
     values, members = _split(values, members)
     classes = np.asarray(classes)
     rng = np.random.default_rng(seed)
     fold = np.zeros(len(values), dtype=bool)
-    for side in (members, ~members):
-        index = np.flatnonzero(side)
-        fold[rng.permutation(index)[: len(index) // 2]] = True
+    for c in np.unique(classes):
+        for side in (members, ~members):
+            index = np.flatnonzero(side & (classes == c))
+            fold[rng.permutation(index)[: len(index) // 2]] = True
     out = np.empty(len(values), dtype=np.float64)
     for part in (fold, ~fold):
         out[part] = gaussian_lrt(values[~part], classes[~part], members[~part], values[part], classes[part])

@@ -89,15 +89,18 @@ def test_empirical_epsilon_of_a_blind_attack_is_zero():
 
 
 def test_gaussian_lrt_by_hand():
-    # members {0, 2}: N(1, 2); non-members {-1, 1}: N(0, 2); the ratio is (2v - 1) / 4
+    # class mean 0.5; member residuals {-0.5, 1.5}: N(0.5, 2), non-member residuals {-1.5, 0.5}: N(-0.5, 2);
+    # the log ratio of two Gaussians of variance s2 and means +-0.5 is r / s2 = (v - 0.5) / 2
     values = np.array([0.0, 2.0, -1.0, 1.0])
     members = np.array([True, True, False, False])
     out = gaussian_lrt(values, np.zeros(4, int), members, np.array([0.5, 2.5, -1.5]), np.zeros(3, int))
     assert out.tolist() == pytest.approx([0.0, 1.0, -1.0], abs=1e-14)
-    # per class: class 1's fits are shifted by 10; a class the fit set lacks uses the pooled fits
+    # two classes, the second shifted by 10: calibrated by its own mean 10.5; the residuals pooled over both
+    # classes have variance 4/3 per side, so the ratio is 3 r / 4
     shifted = gaussian_lrt(np.r_[values, values + 10], np.r_[np.zeros(4, int), np.ones(4, int)],
-                           np.r_[members, members], np.array([10.5, 12.5]), np.array([1, 1]))
-    assert shifted.tolist() == pytest.approx([0.0, 1.0], abs=1e-12)
+                           np.r_[members, members], np.array([10.5, 12.5, 0.5]), np.array([1, 1, 0]))
+    assert shifted.tolist() == pytest.approx([0.0, 1.5, 0.0], abs=1e-12)
+    # a class the fit set lacks is calibrated by the overall mean
     pooled = gaussian_lrt(values, np.zeros(4, int), members, np.array([2.5]), np.array([7]))
     assert pooled.tolist() == pytest.approx([1.0], abs=1e-14)
 
@@ -112,9 +115,14 @@ def test_cross_fitted_scores_never_use_their_own_value():
     changed[7] += 100.0
     moved = cross_fitted_lrt(changed, classes, members, seed=4)
     same = base == moved
-    # sample 7's own score follows its value; it enters only its class's fits (of the other fold's scores): every
-    # score of another class stays bitwise, and of its own class only some (its own fold's) stay
+    # sample 7's fold is scored by the other fold's fits: every other score of its fold stays bitwise, its own
+    # follows its value, and the other fold's scores all move (its fits include sample 7); each fold holds half of
+    # every (class, member or not) cell
     assert not same[7]
-    assert same[classes != classes[7]].all()
-    own_class = classes == classes[7]
-    assert 0 < same[own_class].sum() < own_class.sum() - 1
+    fold = same.copy()
+    fold[7] = True
+    for c in range(3):
+        for side in (members, ~members):
+            cell = side & (classes == c)
+            assert fold[cell].sum() in (cell.sum() // 2, cell.sum() - cell.sum() // 2)
+    assert 25 <= fold.sum() <= 35
