@@ -74,3 +74,15 @@ def test_step_time_tables_one_client_step_at_the_old_and_the_new_checkout():
     # The temporary worktree is gone again.
     listed = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert "fedlit-old-" not in listed
+
+
+def test_privacy_audit_tables_every_method_and_setting():
+    args = ["--rounds", "1", "--methods", "promptfl", "--epsilons", "1", "--", "backbone.name=tiny",
+            "data.num_clients=2", "data.shots=4", "data.train_per_class=4", "data.test_per_class=4"]
+    done = subprocess.run([sys.executable, "benchmarks/privacy_audit.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| promptfl")]
+    assert [r[1] for r in rows] == ["none", "ε = 1"]
+    assert rows[0][8:10] == ["n/a", "n/a"] and rows[1][8] == "1.00"  # the accountant's epsilon of the DP row
+    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[3:7])  # four AUCs per row
