@@ -3,10 +3,11 @@
 The run is rebuilt as ``fedlit export`` rebuilds it (:func:`fedlit.export.load_run`). Three membership games:
 
 - **samples, personalised model**: each honest client that trained, its model as the run's last evaluation built
-  it (:func:`~fedlit.federation.evaluation.client_plans`); members are its train samples, non-members its test
-  samples of the same classes, balanced per class (seeded);
-- **samples, global model**: members are the train samples of every honest client that trained, non-members the
-  test samples of those classes, balanced per class;
+  it (:func:`~fedlit.federation.evaluation.client_plans`); members are its train samples, non-members samples of
+  the same classes that no client trained on (:func:`balanced`: a class's train images that no client holds when
+  there are enough, else its test images), as many as members per class (seeded);
+- **samples, global model**: members are the train samples of every honest client that trained, non-members drawn
+  the same way;
 - **clients, global model**: members are the honest clients that trained, non-members those that never did
   (``eval.protocol=heldout``, or never sampled); a client's score is how much lower the global model's mean loss on
   its train samples is than the initial model's.
@@ -82,30 +83,38 @@ def train_inputs(data: ClientData, index: Tensor) -> Tensor:
     return torch.stack([plain[i][0] for i in index.tolist()])
 
 
-def balanced(members: np.ndarray, member_labels: np.ndarray, others: np.ndarray, other_labels: np.ndarray,
-             seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(members, non-members)`` index arrays with as many of each per class: for every class of
-    ``member_labels``, ``min`` of its two counts drawn from each side (a generator seeded by ``seed``), sorted."""
+def balanced(members: np.ndarray, unused: np.ndarray, train_labels: np.ndarray, test_labels: np.ndarray,
+             seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(members, train non-members, test non-members)`` index arrays (sorted) with as many of each side per class:
+    for each class of the train indices ``members``, its non-members are its train samples in ``unused`` (held by
+    no client that trained) when there are at least as many as its members, else its test samples; ``min`` of the
+    two counts is drawn from each side (a generator seeded by ``seed``). ``train_labels`` / ``test_labels``: the
+    labels of the whole splits."""
     rng = np.random.default_rng([seed, BALANCE_STREAM])
-    keep_in, keep_out = [], []
-    for c in np.unique(member_labels):
-        inside, outside = members[member_labels == c], others[other_labels == c]
+    keep: list[list[np.ndarray]] = [[], [], []]
+    test = np.arange(len(test_labels))
+    for c in np.unique(train_labels[members]):
+        inside = members[train_labels[members] == c]
+        outside = unused[train_labels[unused] == c]
+        side = 1 if len(outside) >= len(inside) else 2
+        if side == 2:
+            outside = test[test_labels == c]
         n = min(len(inside), len(outside))
-        keep_in.append(np.sort(rng.permutation(inside)[:n]))
-        keep_out.append(np.sort(rng.permutation(outside)[:n]))
-    empty = np.zeros(0, dtype=np.int64)
-    return (np.concatenate(keep_in) if keep_in else empty), (np.concatenate(keep_out) if keep_out else empty)
+        keep[0].append(np.sort(rng.permutation(inside)[:n]))
+        keep[side].append(np.sort(rng.permutation(outside)[:n]))
+    return tuple(np.concatenate(k) if k else np.zeros(0, dtype=np.int64) for k in keep)  # type: ignore[return-value]
 
 
 @dataclass
 class Game:
     """One membership game's per-item attack inputs: ``loss`` and ``phi`` ``(n,)``, ``classes (n,)`` (what the
-    likelihood-ratio test fits per class) and ``members (n,)`` bool."""
+    likelihood-ratio test calibrates per class) and ``members (n,)`` bool."""
 
     loss: np.ndarray
     phi: np.ndarray
     classes: np.ndarray
     members: np.ndarray
+    test_nonmembers: int = 0  # how many non-members come from the test split (the others: unused train samples)
 
     @classmethod
     def empty(cls) -> Game:
@@ -117,17 +126,22 @@ class Game:
         self.classes, self.members = np.r_[self.classes, classes], np.r_[self.members, members]
 
 
-def _score_split(model: EvalModel, data: ClientData, members: np.ndarray, nonmembers: np.ndarray,
-                 classes: list[int] | None, game: Game) -> None:
-    """Score ``members`` (train indices) and ``nonmembers`` (test indices) with the held plan into ``game``."""
-    for index, is_member in ((members, True), (nonmembers, False)):
+def _score_split(model: EvalModel, data: ClientData, members: np.ndarray, train_nonmembers: np.ndarray,
+                 test_nonmembers: np.ndarray, classes: list[int] | None, game: Game) -> None:
+    """Score ``members`` and ``train_nonmembers`` (train indices) and ``test_nonmembers`` (test indices) with the
+    held plan into ``game``."""
+    for index, is_member, split in ((members, True, "train"), (train_nonmembers, False, "train"),
+                                    (test_nonmembers, False, "test")):
         if len(index) == 0:
             continue
         index_t = torch.as_tensor(index, dtype=torch.long)
-        labels = data.train_labels[index_t] if is_member else data.test_labels[index_t]
-        inputs = train_inputs(data, index_t) if is_member else data.test_inputs(index_t)
+        if split == "train":
+            labels, inputs = data.train_labels[index_t], train_inputs(data, index_t)
+        else:
+            labels, inputs = data.test_labels[index_t], data.test_inputs(index_t)
         loss, phi = sample_scores(model, inputs, labels, classes)
         game.extend(loss, phi, labels.numpy(), np.full(len(index), is_member))
+    game.test_nonmembers += len(test_nonmembers)
 
 
 def honest_trained(orchestrator: Orchestrator, state: RunState) -> tuple[list[int], list[int]]:
@@ -139,14 +153,24 @@ def honest_trained(orchestrator: Orchestrator, state: RunState) -> tuple[list[in
     return [c for c in honest if c in trained], [c for c in honest if c not in trained]
 
 
+def unused_train(orchestrator: Orchestrator, state: RunState) -> np.ndarray:
+    """The train indices that no client that trained holds (Byzantine clients included), ascending: the partition
+    chose at random which of a class's train images the clients hold, so these are exchangeable with the members
+    and are the sample games' first choice of non-members."""
+    part = orchestrator.data.partition
+    held = [part.train_indices[c] for c in state.store.ids()]
+    taken = np.unique(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(orchestrator.data.train_labels)), taken)
+
+
 def personalised_game(orchestrator: Orchestrator, state: RunState, seed: int,
                       global_plan: ClientPlan | None = None) -> tuple[Game, bool]:
-    """Each honest trained client's own model on its train samples (members) and its test samples of the same
-    classes (non-members), balanced per class, the clients' items pooled; and whether every one of those models
-    is ``global_plan`` (PromptFL evaluates every client with the global prompt)."""
+    """Each honest trained client's own model on its train samples (members) and non-members of the same classes
+    (:func:`balanced`), the clients' items pooled; and whether every one of those models is ``global_plan``
+    (PromptFL evaluates every client with the global prompt)."""
     data, part, trainer = orchestrator.data, orchestrator.data.partition, orchestrator.trainer
-    test_labels = data.test_labels.numpy()
-    train_labels = data.train_labels.numpy()
+    train_labels, test_labels = data.train_labels.numpy(), data.test_labels.numpy()
+    unused = unused_train(orchestrator, state)
     clients, _ = honest_trained(orchestrator, state)
     model, game = EvalModel(trainer), Game.empty()
     everyone_global = global_plan is not None
@@ -154,28 +178,26 @@ def personalised_game(orchestrator: Orchestrator, state: RunState, seed: int,
                          state.server.round)
     for cid, plan in plans:
         everyone_global = everyone_global and same_model(plan, global_plan)
-        own = part.train_indices[cid]
-        members, nonmembers = balanced(own, train_labels[own], part.test_indices[cid],
-                                       test_labels[part.test_indices[cid]], seed + cid)
+        drawn = balanced(part.train_indices[cid], unused, train_labels, test_labels, seed + cid)
         model.use(plan)
-        _score_split(model, data, members, nonmembers, trainer.trained_classes, game)
+        _score_split(model, data, *drawn, trainer.trained_classes, game)
     return game, everyone_global
 
 
 def global_game(orchestrator: Orchestrator, state: RunState, plan: ClientPlan, seed: int) -> Game:
-    """The global model on the train samples of every honest trained client (members) and the test samples of
-    their classes (non-members), balanced per class."""
+    """The global model on the train samples of every honest trained client (members) and non-members of their
+    classes (:func:`balanced`)."""
     data, part = orchestrator.data, orchestrator.data.partition
     clients, _ = honest_trained(orchestrator, state)
     game = Game.empty()
     if not clients:
         return game
     own = np.unique(np.concatenate([part.train_indices[c] for c in clients]))
-    test = np.arange(len(data.test_labels))
-    members, nonmembers = balanced(own, data.train_labels.numpy()[own], test, data.test_labels.numpy(), seed)
+    drawn = balanced(own, unused_train(orchestrator, state), data.train_labels.numpy(), data.test_labels.numpy(),
+                     seed)
     model = EvalModel(orchestrator.trainer)
     model.use(plan)
-    _score_split(model, data, members, nonmembers, orchestrator.trainer.trained_classes, game)
+    _score_split(model, data, *drawn, orchestrator.trainer.trained_classes, game)
     return game
 
 
@@ -227,8 +249,8 @@ def audit(orchestrator: Orchestrator, state: RunState, confidence: float = 0.95,
     def sample_rows(model: str, game: Game, compare_to: float | None) -> None:
         lrt = cross_fitted_lrt(game.phi, game.classes, game.members, seed) if len(game.members) else np.zeros(0)
         for attack, scores in (("loss", -game.loss), ("lrt", lrt)):
-            rows.append(attack_row(attack, "sample", model, scores, game.members, delta, confidence, seed,
-                                   compare_to))
+            row = attack_row(attack, "sample", model, scores, game.members, delta, confidence, seed, compare_to)
+            rows.append({**row, "nonmembers_from_test": game.test_nonmembers})
 
     plan = algorithm.global_plan(state.server, orchestrator.initial)
     game, covered = personalised_game(orchestrator, state, seed, plan)

@@ -46,6 +46,7 @@ def test_audit_of_a_run_end_to_end(promptfl_run, capsys):
     # balanced per class: min(8 shots, 4 test images) = 4 of each side for each of a client's 8 classes
     assert by["loss", "sample", "personalised"]["members"] == by["loss", "sample", "personalised"]["nonmembers"] == 96
     assert by["lrt", "sample", "global"]["members"] == by["lrt", "sample", "global"]["nonmembers"] == 96
+    assert by["loss", "sample", "global"]["nonmembers_from_test"] == 96  # no unused train image of those classes
     client = by["loss", "client", "global"]
     assert (client["members"], client["nonmembers"]) == (3, 1) and held == 0  # drawn from seed 0
     for row in result["attacks"]:
@@ -69,8 +70,10 @@ def test_the_global_loss_attack_recomputed_through_the_modules_forward(promptfl_
     [held] = read_results(promptfl_run)["heldout_clients"]
     trained = [c for c in range(4) if c != held]
     own = np.unique(np.concatenate([part.train_indices[c] for c in trained]))
-    members, nonmembers = balanced(own, data.train_labels.numpy()[own], np.arange(len(data.test_labels)),
-                                   data.test_labels.numpy(), 0)
+    # the held-out client's train images are unused, but of other classes: every non-member is a test image
+    unused = part.train_indices[held]
+    members, from_train, nonmembers = balanced(own, unused, data.train_labels.numpy(), data.test_labels.numpy(), 0)
+    assert len(from_train) == 0 and len(members) == len(nonmembers) == 96
     with torch.no_grad():
         member_logits = module(data.train_features[members]).double()
         other_logits = module(data.test_features[nonmembers]).double()
@@ -150,3 +153,14 @@ def test_an_all_run_is_audited_method_by_method(tmp_path):
     assert method_folders(tmp_path / "all-x" / "promptfl") == [tmp_path / "all-x" / "promptfl"]
     with pytest.raises(UserError, match="is not a directory"):
         method_folders(tmp_path / "nowhere")
+
+
+def test_non_members_are_unused_train_images_when_a_class_has_enough():
+    train_labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    test_labels = np.array([0, 1, 1, 1, 2, 2])
+    members = np.array([0, 1, 4, 5, 7])  # class 0: 2, class 1: 2, class 2: 1
+    unused = np.array([2, 3, 6])  # class 0: 2 (enough), class 1: 1 (too few), class 2: none
+    kept, from_train, from_test = balanced(members, unused, train_labels, test_labels, seed=0)
+    assert from_train.tolist() == [2, 3]  # class 0 from the unused train images
+    assert sorted(test_labels[from_test].tolist()) == [1, 1, 2]  # classes 1 and 2 from the test split
+    assert kept.tolist() == [0, 1, 4, 5, 7]  # every class has as many non-members as members
