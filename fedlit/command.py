@@ -1,5 +1,5 @@
-"""The ``fedlit`` command (also ``python -m fedlit``): ``train``, ``compare``, ``plot``, ``export``, ``sweep``,
-``slurm``, ``print-config`` and ``--version``; bare ``fedlit`` prints the help.
+"""The ``fedlit`` command (also ``python -m fedlit``): ``train``, ``compare``, ``plot``, ``export``, ``audit``,
+``sweep``, ``slurm``, ``print-config`` and ``--version``; bare ``fedlit`` prints the help.
 
 ``fedlit train`` is :func:`fedlit.cli.main` (the ``fedlit-train`` script) with its exit codes: 0 success, 1 a bug,
 2 bad input, 3 stopped by a signal, 4 diverged, 130 Ctrl-C. The other subcommands exit 0, or 2 with one
@@ -98,6 +98,13 @@ def export(args: argparse.Namespace) -> int:
     return module.run(args)
 
 
+def audit(args: argparse.Namespace) -> int:
+    """``fedlit audit``: see :mod:`fedlit.audit`."""
+    from fedlit import audit as module
+
+    return module.run(args)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})")
@@ -133,6 +140,15 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the checkpoint file (default <run_dir>/export/client-<i>.ckpt)")
 
 
+def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``fedlit audit`` (here rather than in :mod:`fedlit.audit`, which loads torch)."""
+    parser.add_argument("run_dir", help="a run directory (a method's folder, or an algorithm=all run: every method)")
+    parser.add_argument("--confidence", type=float, default=0.95,
+                        help="confidence of the Clopper-Pearson bounds behind the epsilon lower bound (default 0.95)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the class balancing and of the attack's half splits (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand except ``train`` (which keeps :func:`fedlit.cli.parse_args`)."""
     from fedlit import compare as compare_module
@@ -140,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedlit import submit as submit_module
 
     parser = _Parser(prog="fedlit",
-                     description="Federated prompt learning on CLIP: train, compare, plot, export, sweep.",
+                     description="Federated prompt learning on CLIP: train, compare, plot, export, audit, sweep.",
                      epilog="fedlit train --help lists the main config keys.")
     parser.add_argument("--version", action="version", version=f"fedlit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of bad-input errors too")
@@ -161,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "Lightning checkpoint of its client module (fedlit/export.py).")
     add_export_arguments(exported)
     exported.set_defaults(func=export)
+    audited = sub.add_parser("audit", help="membership-inference audit of a run next to its accountant epsilon",
+                             description="Loss-threshold and likelihood-ratio membership attacks on a trained run's "
+                                         "samples and clients: AUC and an empirical epsilon lower bound next to the "
+                                         "accountant's epsilon; writes audit.json (fedlit/audit.py).")
+    add_audit_arguments(audited)
+    audited.set_defaults(func=audit)
     _sweep_parser(sub)
     submitted = sub.add_parser("slurm", help="submit a sweep (array) or a run to Slurm with the packaged scripts",
                                description="sbatch with the packaged scripts; cluster settings from FEDLIT_PARTITION, "

@@ -66,18 +66,24 @@ def method_dir(run_dir: str | Path) -> tuple[Path, Path]:
     raise UserError(f"no config.yaml in {run_dir} or {run_dir.parent}: the run's configuration is needed to export")
 
 
-def client_module(run_dir: str | Path, client: int) -> tuple[ClientModule, Orchestrator, dict, RunState]:
-    """The method's client module holding ``client``'s model as the run's last evaluation built it, the orchestrator
-    of the rebuilt job (its data and split), the plan's extras and the restored run state."""
+def load_run(run_dir: str | Path) -> tuple[Orchestrator, RunState]:
+    """The orchestrator of the rebuilt job of one method's run in ``run_dir`` (backbone, data, partition and split
+    as the run built them; see :func:`method_dir`) and the run state its checkpoint restores."""
     folder, config = method_dir(run_dir)
     cfg = load_config(config, ["run.quiet=true"])
     method = str(load_checkpoint(folder / CHECKPOINT_NAME)["algorithm"])
-    job = build_job(cfg)
-    orchestrator = job.orchestrator(folder, name=method)
+    orchestrator = build_job(cfg).orchestrator(folder, name=method)
+    return orchestrator, restore(folder / CHECKPOINT_NAME, orchestrator.identity, orchestrator.store_directory)
+
+
+def client_module(run_dir: str | Path, client: int) -> tuple[ClientModule, Orchestrator, dict, RunState]:
+    """The method's client module holding ``client``'s model as the run's last evaluation built it, the orchestrator
+    of the rebuilt job (its data and split), the plan's extras and the restored run state."""
+    orchestrator, state = load_run(run_dir)
+    folder = orchestrator.run_dir
     if not 0 <= client < orchestrator.num_clients:
         raise UserError(f"--client {client} is not a client of {folder}: its clients are 0-"
                         f"{orchestrator.num_clients - 1}")
-    state = restore(folder / CHECKPOINT_NAME, orchestrator.identity, orchestrator.store_directory)
     algorithm: Algorithm = orchestrator.algorithm
     r = state.server.round
     [(_, plan)] = list(client_plans(orchestrator.trainer, algorithm, state.server, state.store, orchestrator.initial,

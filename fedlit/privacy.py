@@ -143,3 +143,27 @@ def local_noise(size: int, std: float, seed: int, round_index: int, client_id: i
     key = ([seed, round_index, client_id, LOCAL_NOISE_STREAM] if step is None
            else [seed, round_index, step, client_id, LOCAL_NOISE_STREAM, STEP_NOISE_STREAM])
     return np.random.default_rng(key).normal(0.0, std, size)
+
+
+def replace_one_epsilon(cfg: Config, rounds: int) -> float | None:
+    """Epsilon at ``privacy.delta`` after ``rounds`` rounds for neighbouring federations that differ in *one
+    client's data* (the client takes part in both), the relation of a sample-level membership game; None when
+    updates are not noised. For methods that noise each round's aggregate (not the synchronous mode's steps).
+    Replacing a client's data moves its clipped update by up to ``2 clip``: central DP is then fedlit's sampling
+    without replacement of ``m`` of the ``N`` clients that may train around a Gaussian of multiplier ``z / 2``,
+    composed over ``rounds`` (RDP accountant, replace-one relation); local DP's reported epsilon already is this
+    relation's (see :func:`round_event`)."""
+    report = privacy_report(cfg, rounds)
+    if not report:
+        return None
+    if cfg.privacy.local:
+        return report["epsilon"]
+    if rounds == 0:
+        return 0.0
+    dp = _dp_accounting()
+    n = training_pool_size(cfg)
+    event = dp.SampledWithoutReplacementDpEvent(n, sample_size(n, cfg.fed.frac),
+                                                dp.GaussianDpEvent(report["noise_multiplier"] / 2))
+    accountant = dp.rdp.RdpAccountant(neighboring_relation=dp.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(event, rounds)
+    return float(accountant.get_epsilon(float(cfg.privacy.delta)))

@@ -1,0 +1,88 @@
+"""The membership-inference audit (``fedlit audit``) of PromptFL and pFedMoAP with and without client-level DP, on
+the offline default.
+
+Rows: each method without DP and with central DP at a target epsilon of 8 and 1 (``privacy.clip`` 0.1, as in
+``benchmarks/robustness.py``; the accountant picks the noise multiplier for the planned rounds). Columns: mean
+client accuracy after the last round (%), the AUC of the loss-threshold and of the likelihood-ratio attack on the
+sample game of the global and of the personalised models, the largest empirical epsilon lower bound of those four
+attacks (95% confidence, see docs/methods.md, *Privacy audit*), and the accountant's epsilon: client-level as the
+run records it, and for one client's data replaced (what the sample games are compared to). The backbone, data and
+partition are built once; each row is one run, then its audit.
+
+    python benchmarks/privacy_audit.py                      # configs/default.yaml, 6 runs
+    python benchmarks/privacy_audit.py --rounds 1 --methods promptfl --epsilons 1 backbone.name=tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedlit.audit import audit  # noqa: E402
+from fedlit.config import load_config  # noqa: E402
+from fedlit.federation.checkpoint import CHECKPOINT_NAME, restore  # noqa: E402
+from fedlit.federation.experiment import build_job  # noqa: E402
+
+DP = ["privacy.clip=0.1", "privacy.delta=1e-5"]
+
+
+def _cell(value: float | str | None, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, str) or math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print one markdown table: a row per (method, DP setting), the columns of the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--methods", nargs="+", default=["promptfl", "pfedmoap"])
+    parser.add_argument("--epsilons", nargs="*", type=float, default=[8.0, 1.0], help="DP targets besides no DP")
+    parser.add_argument("--rounds", type=int, default=None, help="fed.rounds (default: the config's)")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    args = parser.parse_args(argv)
+    settings = [("none", [])] + [(f"ε = {eps:g}", DP + [f"privacy.target_epsilon={eps:g}"]) for eps in args.epsilons]
+    with tempfile.TemporaryDirectory() as out:
+        common = ["run.quiet=true", f"run.out_dir={out}", *args.overrides]
+        if args.rounds is not None:
+            common.append(f"fed.rounds={args.rounds}")
+        base = load_config(args.config, common + [f"algorithm={args.methods[0]}"])
+        job = build_job(base)
+        print(f"{base.data.name}, {base.data.num_clients} clients ({base.data.partition}), {base.fed.rounds} rounds of "
+              f"{base.fed.local_epochs} local epochs, seed {base.seed}, backbone {base.backbone.name}")
+        print("| method | DP | accuracy (%) | loss AUC, global | LRT AUC, global | loss AUC, personalised | "
+              "LRT AUC, personalised | empirical ε ≥ | accountant ε (client) | ε, one client's data | s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for method in args.methods:
+            for label, overrides in settings:
+                t0 = time.perf_counter()
+                cfg = load_config(args.config, common + [f"algorithm={method}", *overrides])
+                folder = Path(out) / f"{method}-{label.replace(' ', '')}"
+                orchestrator = dataclasses.replace(job, cfg=cfg).orchestrator(folder)
+                results = orchestrator.run()
+                state = restore(folder / CHECKPOINT_NAME, orchestrator.identity, orchestrator.store_directory)
+                result = audit(orchestrator, state)
+                by = {(r["attack"], r["model"]): r for r in result["attacks"] if r["level"] == "sample"}
+                bounds = [r["epsilon_lower_bound"] for r in by.values() if r["epsilon_lower_bound"] is not None]
+                bound = max((math.inf if b == "inf" else b for b in bounds), default=None)
+                accuracy = 100 * results["rounds"][-1]["acc_mean"]
+                aucs = [_cell(by[a, m]["auc"]) if (a, m) in by else "n/a"
+                        for m in ("global", "personalised") for a in ("loss", "lrt")]
+                acc = result["accountant"]
+                print(f"| {method} | {label} | {accuracy:.2f} | " + " | ".join(aucs)
+                      + f" | {_cell(bound, 2)} | {_cell(acc['epsilon'], 2)} | {_cell(acc['epsilon_replace_one'], 2)}"
+                      + f" | {time.perf_counter() - t0:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
