@@ -13,6 +13,7 @@ there on the next use and ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -46,7 +47,7 @@ FORMAT_VERSION = 1
 CHECKPOINT_EVERY = 25  # pretraining steps between two saves of the loop's state (a few seconds on 2 CPU cores)
 
 @dataclass(frozen=True)
-class ClipRecipe:
+class ClipRecipe(abc.ABC):
     """Everything that determines a built-in CLIP's weights (the cache key hashes these fields and
     :meth:`hash_payload`). Subclasses name the backbone (``name``), its image size and its image-caption stream."""
 
@@ -69,21 +70,21 @@ class ClipRecipe:
     name: ClassVar[str] = ""  # the backbone name and the cached file's prefix
     image_size: ClassVar[int] = 0
 
+    @abc.abstractmethod
     def classnames(self) -> list[str]:
         """The class names the captions use, indexed by the stream's labels."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def templates(self) -> tuple[str, ...]:
         """Caption templates, each with one ``{}`` for the class name."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def hash_payload(self) -> dict:
-        """What :func:`recipe_hash` hashes besides nothing else: the fields and what the code fixes."""
-        raise NotImplementedError
+        """What :func:`recipe_hash` hashes: the recipe's fields and what the code fixes (classes, templates)."""
 
+    @abc.abstractmethod
     def stream(self, data_root: str | Path | None) -> ImageStream:
         """The stream of labelled training images (``data_root``: where a real dataset is looked for)."""
-        raise NotImplementedError
 
     def preprocess(self) -> Preprocess:
         """The images the pretrained model expects: ``image_size`` px, the OpenAI CLIP statistics."""

@@ -7,10 +7,9 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
 from fedlit.data.fashion_mnist import DEBIAN_FOLDER, DEBIAN_PACKAGE, FILES
+from tests.helpers import apt_install
 
 
 def _missing_files() -> list[str]:
@@ -24,15 +23,4 @@ def fashion_mnist_unavailable(install_timeout: float = 300.0) -> str | None:
         return None
     if os.name != "posix" or not hasattr(os, "geteuid") or os.geteuid() != 0:
         return f"{DEBIAN_FOLDER} missing and installing {DEBIAN_PACKAGE} needs root"
-    if shutil.which("apt-get") is None:
-        return f"{DEBIAN_FOLDER} missing and no apt-get to install {DEBIAN_PACKAGE}"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", DEBIAN_PACKAGE]
-    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=install_timeout)
-    if result.returncode != 0:  # stale package lists: refresh once and retry
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=install_timeout)
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=install_timeout)
-    if result.returncode != 0 or _missing_files():
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["?"]
-        return f"could not install {DEBIAN_PACKAGE} with apt-get: {tail[0]}"
-    return None
+    return apt_install([DEBIAN_PACKAGE], _missing_files, install_timeout)

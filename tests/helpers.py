@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedlit.config import Config, load_config
@@ -56,3 +58,22 @@ def only_run_dir(out_dir: Path, name: str = "default") -> Path:
 def read_results(run_dir: Path) -> dict:
     """``results.json`` of a run directory."""
     return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def apt_install(packages: Sequence[str], missing: Callable[[], list[str]],
+                install_timeout: float = 300.0) -> str | None:
+    """Install Debian ``packages`` with apt-get (refreshing the package lists once if the first try fails); None
+    when ``missing()`` is then empty, otherwise the reason (to skip with). Needs root and apt-get."""
+    what = " ".join(packages)
+    if shutil.which("apt-get") is None:
+        return f"{', '.join(missing())} missing and no apt-get to install {what}"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=install_timeout)
+    if result.returncode != 0:  # stale package lists: refresh once and retry
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=install_timeout)
+        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=install_timeout)
+    if result.returncode != 0 or missing():
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["?"]
+        return f"could not install {what} with apt-get: {tail[0]}"
+    return None

@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.helpers import apt_install
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -38,18 +40,7 @@ def slurm_unavailable(install_timeout: float = 300.0) -> str | None:
         return "Slurm tests need root (they start munged, slurmctld and slurmd as root)"
     if not _missing_commands():
         return None
-    if shutil.which("apt-get") is None:
-        return f"Slurm commands missing ({', '.join(_missing_commands())}) and no apt-get to install them"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=install_timeout)
-    if result.returncode != 0:  # stale package lists: refresh once and retry
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=install_timeout)
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=install_timeout)
-    if result.returncode != 0 or _missing_commands():
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["?"]
-        return f"could not install {' '.join(PACKAGES)} with apt-get: {tail[0]}"
-    return None
+    return apt_install(PACKAGES, _missing_commands, install_timeout)
 
 
 def _free_port() -> int:
