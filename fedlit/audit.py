@@ -207,15 +207,16 @@ def client_game(orchestrator: Orchestrator, state: RunState, plan: ClientPlan) -
     data, part = orchestrator.data, orchestrator.data.partition
     trained, never = honest_trained(orchestrator, state)
     classes = orchestrator.trainer.trained_classes
-    start, final = EvalModel(orchestrator.trainer), EvalModel(orchestrator.trainer)
-    start.use(ClientPlan(start=orchestrator.initial))
-    final.use(plan)
-    scores = []
-    for cid in trained + never:
-        index = torch.as_tensor(part.train_indices[cid], dtype=torch.long)
-        inputs, labels = train_inputs(data, index), data.train_labels[index]
-        scores.append(float(sample_scores(start, inputs, labels, classes)[0].mean()
-                            - sample_scores(final, inputs, labels, classes)[0].mean()))
+    clients = trained + never
+    model, mean_loss = EvalModel(orchestrator.trainer), {}
+    # one model at a time: the EvalModel holds the trainer's one module, so each plan scores every client in turn
+    for which, held in (("start", ClientPlan(start=orchestrator.initial)), ("final", plan)):
+        model.use(held)
+        for cid in clients:
+            index = torch.as_tensor(part.train_indices[cid], dtype=torch.long)
+            inputs, labels = train_inputs(data, index), data.train_labels[index]
+            mean_loss[which, cid] = float(sample_scores(model, inputs, labels, classes)[0].mean())
+    scores = [mean_loss["start", cid] - mean_loss["final", cid] for cid in clients]
     return np.array(scores), np.r_[np.ones(len(trained), bool), np.zeros(len(never), bool)]
 
 

@@ -89,6 +89,32 @@ def test_the_global_loss_attack_recomputed_through_the_modules_forward(promptfl_
     assert game.phi[: len(members)] == pytest.approx(np.log(p / (1 - p)), abs=1e-6)
 
 
+def test_the_client_scores_are_the_initial_minus_the_final_mean_loss(promptfl_run):
+    """Each client's score is recomputed with the initial and the final global prompt loaded in turn through the
+    module's ``forward``: the game must not score both sides with whichever model the trainer holds last."""
+    from fedlit.audit import client_game
+    from fedlit.state import ClientPlan
+
+    orchestrator, state = load_run(promptfl_run)
+    plan = orchestrator.algorithm.global_plan(state.server, orchestrator.initial)
+    scores, members = client_game(orchestrator, state, plan)
+    [held] = read_results(promptfl_run)["heldout_clients"]
+    order = [c for c in range(4) if c != held] + [held]  # trained clients first, then the held-out one
+    assert members.tolist() == [True, True, True, False]
+    data, part, module = orchestrator.data, orchestrator.data.partition, orchestrator.module
+
+    def mean_losses(held_plan: ClientPlan) -> np.ndarray:
+        orchestrator.trainer.load(held_plan)
+        module.eval()
+        with torch.no_grad():
+            return np.array([F.cross_entropy(module(data.train_features[part.train_indices[c]]).double(),
+                                             data.train_labels[part.train_indices[c]]).item() for c in order])
+
+    expected = mean_losses(ClientPlan(start=orchestrator.initial)) - mean_losses(plan)
+    assert scores == pytest.approx(expected, abs=1e-6)
+    assert np.abs(scores).min() > 0.01  # the two models differ on every client (one model twice would give 0)
+
+
 def test_a_dp_run_is_compared_to_its_accountant(tmp_path):
     run_experiment(fast_config(tmp_path, *HELDOUT, "privacy.clip=0.1", "privacy.target_epsilon=8"))
     run = only_run_dir(tmp_path)
