@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from fedlit import privacy
-from fedlit.audit import AUDIT_NAME, balanced, method_folders, train_inputs
+from fedlit.audit import AUDIT_NAME, audit_run, balanced, method_folders, train_inputs
 from fedlit.command import main
+from fedlit.config import load_config
 from fedlit.errors import UserError
 from fedlit.export import load_run
 from fedlit.federation.experiment import build_job, run_experiment
 from fedlit.membership import auc, empirical_epsilon
-from tests.helpers import fast_config, only_run_dir, read_results
+from tests.helpers import cache_dir, fast_config, only_run_dir, read_results
 
 # 4 clients of 8 classes each (pathological), 8 train shots and 4 test images per class; one client held out
 HELDOUT = ["algorithm=promptfl", "eval.protocol=heldout", "fed.rounds=2"]
@@ -190,3 +191,31 @@ def test_non_members_are_unused_train_images_when_a_class_has_enough():
     assert from_train.tolist() == [2, 3]  # class 0 from the unused train images
     assert sorted(test_labels[from_test].tolist()) == [1, 1, 2]  # classes 1 and 2 from the test split
     assert kept.tolist() == [0, 1, 4, 5, 7]  # every class has as many non-members as members
+
+
+# The offline default with one client per class (32 clients, pathological), half of them held out of training, and
+# a prompt context per class: the global model improves exactly the classes of the clients that trained, so the
+# client game can tell who took part.
+CLIENT_LEAK = ["algorithm=promptfl", "prompt.class_specific=true", "eval.protocol=heldout", "data.num_clients=32",
+               "eval.heldout_fraction=0.5"]
+
+
+@pytest.mark.slow
+def test_dp_with_a_small_epsilon_drives_the_audit_towards_chance_on_the_offline_default(tmp_path):
+    """Without DP the client-level attack finds the clients that trained (AUC above 0.9); client-level DP at
+    epsilon = 1 brings the same attack on the same federation back near 0.5, and no empirical epsilon bound exceeds
+    the accountant's."""
+    results = {}
+    for name, extra in (("plain", []), ("dp", ["privacy.clip=0.1", "privacy.target_epsilon=1"])):
+        cfg = load_config("configs/default.yaml", [f"backbone.cache_dir={cache_dir()}", "run.quiet=true",
+                                                   f"run.out_dir={tmp_path / name}", *CLIENT_LEAK, *extra])
+        run_experiment(cfg)
+        results[name] = audit_run(only_run_dir(tmp_path / name, "quickstart"))
+    plain, dp = (rows(results[name])["loss", "client", "global"] for name in ("plain", "dp"))
+    assert plain["members"] == plain["nonmembers"] == dp["members"] == dp["nonmembers"] == 16
+    assert plain["auc"] > 0.9
+    assert abs(dp["auc"] - 0.5) < 0.15 and abs(dp["auc"] - 0.5) < abs(plain["auc"] - 0.5) / 3
+    assert results["dp"]["accountant"]["epsilon"] == pytest.approx(1.0, abs=1e-3)
+    for row in results["dp"]["attacks"]:
+        if row["accountant_epsilon"] is not None:
+            assert row["epsilon_lower_bound"] <= row["accountant_epsilon"], row
