@@ -119,13 +119,15 @@ def test_image_prompts_tables_every_variant_and_the_exact_ones_agree():
         assert table[m, "cached G"][-2] == "cached" and table[m, "uncached L"][-2:] == ["", ""]
 
 
-def test_privacy_audit_tables_every_method_and_setting():
-    args = ["--rounds", "1", "--methods", "promptfl", "--epsilons", "1", "--", "backbone.name=tiny",
-            "data.num_clients=2", "data.shots=4", "data.train_per_class=4", "data.test_per_class=4"]
+def test_privacy_audit_tables_every_variant_and_setting():
+    args = ["--rounds", "1", "--variants", "promptfl", "--epsilons", "1", "--", "backbone.name=tiny",
+            "data.num_clients=4", "data.shots=4", "data.train_per_class=4", "data.test_per_class=4"]
     done = subprocess.run([sys.executable, "benchmarks/privacy_audit.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "4 clients (pathological, heldout: 0.5 never train)" in done.stdout
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| promptfl")]
     assert [r[1] for r in rows] == ["none", "ε = 1"]
-    assert rows[0][8:10] == ["n/a", "n/a"] and rows[1][8] == "1.00"  # the accountant's epsilon of the DP row
-    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[3:7])  # four AUCs per row
+    assert rows[0][10:12] == ["n/a", "n/a"] and rows[1][10] == "1.00"  # the accountant's epsilon of the DP row
+    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[3:8])  # four sample AUCs and the client AUC
+    assert all(float(v) >= 0.0 for r in rows for v in r[8:10])  # the empirical epsilon lower bounds
