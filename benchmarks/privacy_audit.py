@@ -13,6 +13,7 @@ and for one client's data replaced (what the sample games are compared to). The 
 built once; each row is one run, then its audit.
 
     python benchmarks/privacy_audit.py                      # configs/default.yaml, 9 runs
+    python benchmarks/privacy_audit.py --as-configured      # the default's own 8 clients, none held out
     python benchmarks/privacy_audit.py --rounds 1 --variants promptfl --epsilons 1 -- backbone.name=tiny
 """
 
@@ -61,18 +62,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epsilons", nargs="*", type=float, default=[8.0, 1.0], help="DP targets besides no DP")
     parser.add_argument("--rounds", type=int, default=None, help="fed.rounds (default: the config's)")
+    parser.add_argument("--as-configured", action="store_true",
+                        help="the config's own federation, no client held out (the client game is n/a)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (after the federation's)")
     args = parser.parse_args(argv)
     settings = [("none", [])] + [(f"ε = {eps:g}", DP + [f"privacy.target_epsilon={eps:g}"]) for eps in args.epsilons]
     with tempfile.TemporaryDirectory() as out:
-        common = ["run.quiet=true", f"run.out_dir={out}", *FEDERATION, *args.overrides]
+        federation = [] if args.as_configured else FEDERATION
+        common = ["run.quiet=true", f"run.out_dir={out}", *federation, *args.overrides]
         if args.rounds is not None:
             common.append(f"fed.rounds={args.rounds}")
         base = load_config(args.config, common + VARIANTS[args.variants[0]])
         job = build_job(base)
-        print(f"{base.data.name}, {base.data.num_clients} clients ({base.data.partition}, {base.eval.protocol}: "
-              f"{base.eval.heldout_fraction:g} never train), {base.fed.rounds} rounds of {base.fed.local_epochs} "
-              f"local epochs, seed {base.seed}, backbone {base.backbone.name}")
+        held = (f", {base.eval.protocol}: {base.eval.heldout_fraction:g} never train"
+                if base.eval.heldout_fraction is not None else "")
+        print(f"{base.data.name}, {base.data.num_clients} clients ({base.data.partition}{held}), {base.fed.rounds} "
+              f"rounds of {base.fed.local_epochs} local epochs, seed {base.seed}, backbone {base.backbone.name}")
         print("| method | DP | accuracy (%) | loss AUC, global | LRT AUC, global | loss AUC, personalised | "
               "LRT AUC, personalised | client AUC | empirical ε ≥, samples | empirical ε ≥, clients | "
               "accountant ε (client) | ε, one client's data | s |")
