@@ -207,17 +207,15 @@ def client_game(orchestrator: Orchestrator, state: RunState, plan: ClientPlan) -
     data, part = orchestrator.data, orchestrator.data.partition
     trained, never = honest_trained(orchestrator, state)
     classes = orchestrator.trainer.trained_classes
-    clients = trained + never
-    model, mean_loss = EvalModel(orchestrator.trainer), {}
-    # one model at a time: the EvalModel holds the trainer's one module, so each plan scores every client in turn
-    for which, held in (("start", ClientPlan(start=orchestrator.initial)), ("final", plan)):
+    queries = []
+    for cid in trained + never:
+        index = torch.as_tensor(part.train_indices[cid], dtype=torch.long)
+        queries.append((train_inputs(data, index), data.train_labels[index]))
+    model, mean_losses = EvalModel(orchestrator.trainer), []
+    for held in (ClientPlan(start=orchestrator.initial), plan):  # the trainer holds one model: each in turn
         model.use(held)
-        for cid in clients:
-            index = torch.as_tensor(part.train_indices[cid], dtype=torch.long)
-            inputs, labels = train_inputs(data, index), data.train_labels[index]
-            mean_loss[which, cid] = float(sample_scores(model, inputs, labels, classes)[0].mean())
-    scores = [mean_loss["start", cid] - mean_loss["final", cid] for cid in clients]
-    return np.array(scores), np.r_[np.ones(len(trained), bool), np.zeros(len(never), bool)]
+        mean_losses.append(np.array([sample_scores(model, x, y, classes)[0].mean() for x, y in queries]))
+    return mean_losses[0] - mean_losses[1], np.r_[np.ones(len(trained), bool), np.zeros(len(never), bool)]
 
 
 def attack_row(attack: str, level: str, model: str, scores: np.ndarray, members: np.ndarray, delta: float,

@@ -116,6 +116,28 @@ def test_the_client_scores_are_the_initial_minus_the_final_mean_loss(promptfl_ru
     assert np.abs(scores).min() > 0.01  # the two models differ on every client (one model twice would give 0)
 
 
+def test_an_eval_model_refuses_to_score_after_another_load(promptfl_run):
+    """Two EvalModels on one trainer (the client game's old bug): the first one no longer holds its plan once the
+    second loads, so scoring with it raises and using it again reloads its own plan."""
+    from fedlit.federation.evaluation import EvalModel
+    from fedlit.state import ClientPlan
+
+    orchestrator, state = load_run(promptfl_run)
+    initial = ClientPlan(start=orchestrator.initial)
+    final = orchestrator.algorithm.global_plan(state.server, orchestrator.initial)
+    first, second = EvalModel(orchestrator.trainer), EvalModel(orchestrator.trainer)
+    features, labels = orchestrator.data.train_features[:8], orchestrator.data.train_labels[:8]
+    first.use(initial)
+    before = first.counts(features, labels)
+    second.use(final)
+    with pytest.raises(RuntimeError, match="no longer holds this EvalModel's plan"):
+        first.counts(features, labels)
+    first.use(initial)
+    assert first.counts(features, labels) == before
+    held = orchestrator.module.client_state()
+    assert all(torch.equal(held[k], v) for k, v in orchestrator.initial.params.items())  # its own plan again
+
+
 def test_a_dp_run_is_compared_to_its_accountant(tmp_path):
     run_experiment(fast_config(tmp_path, *HELDOUT, "privacy.clip=0.1", "privacy.target_epsilon=8"))
     run = only_run_dir(tmp_path)

@@ -78,7 +78,9 @@ class EvalModel:
     """The trainer's module in eval mode, holding one plan at a time. Loading a plan equal in value to the one it
     holds (:func:`same_model`) does nothing, and the class text features ``(C, D)`` are computed once per loaded
     plan: clients that never trained usually share one plan (the global model), so N of them cost one load and
-    one text-tower pass instead of N. Every number is bitwise what loading each client's plan would give."""
+    one text-tower pass instead of N. Every number is bitwise what loading each client's plan would give. Any
+    other load into the trainer (training, another EvalModel) makes the next :meth:`use` load again, and scoring
+    before that raises, so two EvalModels on one trainer never score with each other's plan."""
 
     def __init__(self, trainer: LocalTrainer):
         self.trainer = trainer
@@ -88,16 +90,22 @@ class EvalModel:
 
     def use(self, plan: ClientPlan) -> None:
         """Hold ``plan`` (loaded and switched to eval mode unless it is the held model already)."""
-        if self.plan is not None and same_model(self.plan, plan):
+        if self.trainer.eval_holder is self and same_model(self.plan, plan):
             return
         self.trainer.load(plan)
         self.trainer.module.eval()
         self.plan, self._text, self._novel = plan, {}, None
+        self.trainer.eval_holder = self
+
+    def _check_held(self) -> None:
+        if self.trainer.eval_holder is not self:
+            raise RuntimeError("the trainer's module no longer holds this EvalModel's plan; call use(plan) first")
 
     @torch.no_grad()
     def text(self, classes: list[int] | None = None) -> Tensor:
         """Class text features ``(C, D)`` of the held plan for a prediction among ``classes`` (None: all; computed
         on first use, see :meth:`~fedlit.modules.base.ClientModule.candidate_text_features`)."""
+        self._check_held()
         module = self.trainer.module
         key = tuple(classes) if classes is not None and module.text_depends_on_candidates else None
         if key not in self._text:
@@ -134,6 +142,7 @@ class EvalModel:
     def diagnostics(self, inputs: Tensor) -> dict[str, list[float]]:
         """The module's :meth:`~fedlit.modules.base.ClientModule.diagnostics` of the held plan, averaged over
         ``inputs`` (features or images): ``{name: [floats]}``."""
+        self._check_held()
         trainer, module = self.trainer, self.trainer.module
         sums: dict[str, Tensor] = {}
         with trainer.autocast():

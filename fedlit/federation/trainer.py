@@ -150,6 +150,7 @@ class LocalTrainer:
         self.fabric = fabric
         self.trained_classes: list[int] | None = None  # None: all; else the softmax of training covers these only
         self.flipped_clients: frozenset[int] = frozenset()  # label-flipping attackers: train on flipped labels
+        self.eval_holder: object | None = None  # the EvalModel whose plan the module holds (None: any other load)
 
     def autocast(self):
         """The run's autocast context (none without Fabric)."""
@@ -158,6 +159,7 @@ class LocalTrainer:
     def load(self, plan: ClientPlan, classes: list[int] | None = None) -> None:
         """Put a plan's parameters and extras into the module (for training or evaluation), and the classes the
         client trains on (None: not training)."""
+        self.eval_holder = None
         self.module.load_client_state(plan.start.params)
         self.module.set_extras(plan.extras)
         self.module.set_client_classes(classes)
